@@ -1,0 +1,1461 @@
+"""Reference implementation of the parameter-golf record
+"SP8192 + BigramHash d=32 + Path A v3 passthrough quantization".
+
+Data -> model -> Muon/AdamW training -> GPTQ int6/int8 + passthrough quantization ->
+compressed artifact -> quantized, sliding-window and score-first TTT evaluation.
+
+Record run (8xH100):  SEED=42 torchrun --standalone --nproc_per_node=8 train_gpt.py
+CPU tiny run:         see README.md. Every setting is an environment variable of the same
+                      name in upper case, read when Hyperparameters() is constructed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import hashlib
+import io
+import lzma
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# -----------------------------------------------------------------------------
+# CONFIG
+# Every knob is an upper-case environment variable of the same name. Defaults are the
+# record's launch, so `SEED=42 torchrun --standalone --nproc_per_node=8 train_gpt.py`
+# reproduces it. Tests pass keyword overrides instead of touching the environment.
+# -----------------------------------------------------------------------------
+
+SIZE_LIMIT_BYTES = 16_000_000
+
+# (name, type, default). Order is the order of the log's hparam lines.
+HPARAMS = (
+    # data and run
+    ("data_dir", str, "./data/"),
+    ("data_path", str, ""),  # default: DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}
+    ("tokenizer_path", str, ""),  # default: DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model
+    ("run_id", str, ""),  # default: a fresh uuid4
+    ("seed", int, 1337),
+    ("init_state", str, ""),
+    ("eval_only", bool, False),
+    ("quantized_model_path", str, "final_model.int6.ptz"),
+    ("compile", bool, None),  # default: on for CUDA, off for CPU
+    # model
+    ("vocab_size", int, 8192),
+    ("num_layers", int, 11),
+    ("model_dim", int, 512),
+    ("num_heads", int, 8),
+    ("num_kv_heads", int, 4),
+    ("mlp_mult", float, 4.0),
+    ("logit_softcap", float, 30.0),
+    ("rope_base", float, 10000.0),
+    ("rope_dims", int, 16),
+    ("qk_gain_init", float, 5.0),
+    ("ln_scale", bool, True),
+    ("xsa_last_n", int, 11),
+    ("parallel_residual_start", int, 7),
+    ("loop_start", int, 3),
+    ("loop_end", int, 5),
+    ("num_loops", int, 2),
+    ("enable_looping_at", float, 0.35),
+    ("bigram_vocab_size", int, 16384),
+    ("bigram_dim", int, 32),
+    ("bigram_train_embed", bool, False),
+    ("gate_attn_out", bool, True),
+    ("gate_width", int, 12),
+    ("smear_gate", bool, True),
+    ("smear_gate_width", int, 12),
+    ("smear_mask_bos", bool, False),
+    ("tied_embed_init_std", float, 0.005),
+    # training
+    ("iterations", int, 20000),
+    ("train_batch_tokens", int, 786432),
+    ("train_seq_len", int, 2048),
+    ("grad_accum_steps", int, 0),  # 0: 8 // WORLD_SIZE, as the record
+    ("warmup_steps", int, 20),
+    ("warmdown_frac", float, 0.72),
+    ("min_lr", float, 0.0),
+    ("max_wallclock_seconds", float, 600.0),
+    ("gptq_reserve_seconds", float, 12.0),
+    ("val_loss_every", int, 4000),
+    ("train_log_every", int, 500),
+    ("matrix_lr", float, 0.022),
+    ("scalar_lr", float, 0.02),
+    ("tied_embed_lr", float, 0.03),
+    ("muon_momentum", float, 0.99),
+    ("muon_momentum_warmup_start", float, 0.92),
+    ("muon_momentum_warmup_steps", int, 1500),
+    ("muon_backend_steps", int, 5),
+    ("muon_row_normalize", bool, True),
+    ("muon_wd", float, 0.095),
+    ("embed_wd", float, 0.085),
+    ("adam_wd", float, 0.02),
+    ("beta1", float, 0.9),
+    ("beta2", float, 0.95),
+    ("adam_eps", float, 1e-8),
+    ("grad_clip_norm", float, 0.3),
+    ("ema_decay", float, 0.9965),
+    # quantization and artifact
+    ("gptq_calibration_batches", int, 64),
+    ("matrix_bits", int, 6),
+    ("matrix_clip_sigmas", float, 12.85),
+    ("embed_bits", int, 8),
+    ("embed_clip_sigmas", float, 20.0),
+    ("compressor", str, "brotli"),
+    ("size_limit_bytes", int, SIZE_LIMIT_BYTES),
+    # evaluation
+    ("eval_seq_len", int, 2048),
+    ("eval_stride", int, 64),
+    ("eval_batch_seqs", int, 32),
+    ("sliding_window_enabled", bool, True),
+    ("ttt_enabled", bool, True),
+    ("ttt_lr", float, 0.005),
+    ("ttt_epochs", int, 3),
+    ("ttt_momentum", float, 0.9),
+    ("ttt_chunk_tokens", int, 32768),
+    ("ttt_batch_seqs", int, 32),
+    ("ttt_grad_clip", float, 1.0),
+)
+
+
+def _parse_env(name: str, typ: type, raw: str):
+    try:
+        if typ is bool:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return typ(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {typ.__name__}") from None
+
+
+class Hyperparameters:
+    """Settings for one run: environment first, keyword overrides win (tests use those)."""
+
+    def __init__(self, **overrides):
+        for name, typ, default in HPARAMS:
+            if name in overrides:
+                value = overrides.pop(name)
+            elif name.upper() in os.environ:
+                value = _parse_env(name.upper(), typ, os.environ[name.upper()])
+            else:
+                value = default
+            setattr(self, name, value)
+        if overrides:
+            raise TypeError(f"unknown Hyperparameters: {sorted(overrides)}")
+        # torchrun's variables decide the process layout; they are not knobs.
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if not self.run_id:
+            self.run_id = str(uuid.uuid4())
+        if not self.data_path:
+            self.data_path = os.path.join(self.data_dir, "datasets", f"fineweb10B_sp{self.vocab_size}")
+        if not self.tokenizer_path:
+            self.tokenizer_path = os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe.model")
+        self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
+        self.val_files = os.path.join(self.data_path, "fineweb_val_*.bin")
+        if self.grad_accum_steps == 0 and 8 % self.world_size == 0:
+            self.grad_accum_steps = 8 // self.world_size
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def micro_batch_seqs(self) -> int:
+        return self.train_batch_tokens // (self.world_size * self.grad_accum_steps) // self.train_seq_len
+
+    def validate(self) -> None:
+        h = self
+        if h.world_size < 1 or 8 % h.world_size != 0:
+            raise ValueError(f"WORLD_SIZE={h.world_size} must divide 8 (the record's 8-way batch split)")
+        if h.grad_accum_steps < 1:
+            raise ValueError(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must be >= 1")
+        if h.model_dim % h.num_heads != 0:
+            raise ValueError(f"NUM_HEADS={h.num_heads} must divide MODEL_DIM={h.model_dim}")
+        if h.num_heads % h.num_kv_heads != 0:
+            raise ValueError(f"NUM_KV_HEADS={h.num_kv_heads} must divide NUM_HEADS={h.num_heads}")
+        if h.rope_dims % 2 or not 2 < h.rope_dims <= h.head_dim:
+            raise ValueError(f"ROPE_DIMS={h.rope_dims} must be even, > 2 and <= head_dim={h.head_dim}")
+        if h.num_loops > 0 and not 0 <= h.loop_start <= h.loop_end < h.num_layers:
+            raise ValueError(
+                f"LOOP_START={h.loop_start}..LOOP_END={h.loop_end} must lie within NUM_LAYERS={h.num_layers}")
+        if h.gate_attn_out and h.gate_width > h.model_dim:
+            raise ValueError(f"GATE_WIDTH={h.gate_width} exceeds MODEL_DIM={h.model_dim}")
+        if h.smear_gate and h.smear_gate_width > h.model_dim:
+            raise ValueError(f"SMEAR_GATE_WIDTH={h.smear_gate_width} exceeds MODEL_DIM={h.model_dim}")
+        if h.vocab_size > 65536:
+            raise ValueError(f"VOCAB_SIZE={h.vocab_size} does not fit the uint16 shards")
+        if h.micro_batch_seqs < 1:
+            raise ValueError(
+                f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} gives no full sequence of TRAIN_SEQ_LEN="
+                f"{h.train_seq_len} per micro-batch (WORLD_SIZE={h.world_size} x GRAD_ACCUM_STEPS={h.grad_accum_steps})")
+        if h.eval_seq_len % h.eval_stride != 0:
+            raise ValueError(f"EVAL_STRIDE={h.eval_stride} must divide EVAL_SEQ_LEN={h.eval_seq_len}")
+        if h.ttt_enabled and h.sliding_window_enabled and (
+                h.ttt_chunk_tokens % h.eval_stride or h.ttt_chunk_tokens % h.eval_seq_len):
+            raise ValueError(
+                f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} must be divisible by EVAL_STRIDE={h.eval_stride} "
+                f"and EVAL_SEQ_LEN={h.eval_seq_len}, or a scored window would straddle two chunks")
+        if h.ttt_enabled and not h.sliding_window_enabled:
+            raise ValueError("TTT_ENABLED=1 needs SLIDING_WINDOW_ENABLED=1 (TTT scores through sliding windows)")
+        if h.compressor not in ("brotli", "lzma"):
+            raise ValueError(f"COMPRESSOR={h.compressor!r} must be 'brotli' or 'lzma'")
+        for name in ("matrix_bits", "embed_bits"):
+            if not 2 <= getattr(h, name) <= 8:
+                raise ValueError(f"{name.upper()}={getattr(h, name)} must be in 2..8 (stored as int8)")
+
+    def items(self):
+        return [(name.upper(), getattr(self, name)) for name, _, _ in HPARAMS]
+
+
+# -----------------------------------------------------------------------------
+# DEVICE & DISTRIBUTED
+# The device is chosen once. CUDA gets bf16 autocast, compile and fused optimizers;
+# CPU runs plain fp32 eager so it is exact and debuggable. A process group exists only
+# when torchrun set RANK/WORLD_SIZE: NCCL on GPU, gloo on CPU.
+# -----------------------------------------------------------------------------
+
+
+class Runtime:
+    def __init__(self, h: Hyperparameters):
+        self.h = h
+        self.rank, self.world_size = h.rank, h.world_size
+        self.is_main = h.rank == 0
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", h.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.is_cuda = self.device.type == "cuda"
+        if h.distributed and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.is_cuda else "gloo", device_id=self.device if self.is_cuda else None)
+        self.distributed = h.distributed
+        self.compile = self.is_cuda if h.compile is None else h.compile
+        if self.is_cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def autocast(self):
+        if self.is_cuda:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def synchronize(self):
+        if self.is_cuda:
+            torch.cuda.synchronize()
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce(self, t: Tensor, op=None) -> Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+
+class Logger:
+    """Rank 0 prints and appends to logs/{RUN_ID}.txt; other ranks stay quiet."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if self.path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+# -----------------------------------------------------------------------------
+# TOKENIZER & BPB
+# bpb = (nats/token / ln 2) * (tokens/bytes). The byte count of each scored token comes
+# from lookup tables over the vocabulary; this is where submissions have been
+# disqualified, so each rule below is pinned by a test.
+# -----------------------------------------------------------------------------
+
+
+def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """(base_bytes int16, has_leading_space bool, is_boundary bool), each of length vocab_size.
+
+    A token's bytes are its piece's UTF-8 bytes without the leading '▁'; the space that '▁'
+    stands for is added only when the previous token is not a boundary (control/unknown),
+    because a document's first word carries no real space. Byte-fallback pieces such as
+    <0xE2> are exactly one byte of the text, whatever their printed form.
+    """
+    sp_vocab = int(sp.vocab_size())
+    if sp_vocab != vocab_size:
+        raise ValueError(f"tokenizer has {sp_vocab} pieces but VOCAB_SIZE={vocab_size}")
+    space_id = sp.piece_to_id("\u2581")
+    if space_id == sp.unk_id() or sp.id_to_piece(space_id) != "\u2581":
+        raise ValueError("tokenizer has no standalone '\u2581' piece, so a lone space cannot be byte-counted")
+    base_bytes = np.zeros(vocab_size, dtype=np.int16)
+    has_leading_space = np.zeros(vocab_size, dtype=np.bool_)
+    is_boundary = np.zeros(vocab_size, dtype=np.bool_)
+    for i in range(sp_vocab):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            is_boundary[i] = True
+            continue
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            has_leading_space[i] = True
+            piece = piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return (torch.tensor(base_bytes, device=device), torch.tensor(has_leading_space, device=device),
+            torch.tensor(is_boundary, device=device))
+
+
+def token_bytes(prev_ids: Tensor, target_ids: Tensor, luts) -> Tensor:
+    base_bytes, has_leading_space, is_boundary = luts
+    nbytes = base_bytes[target_ids].to(torch.int32)
+    return nbytes + (has_leading_space[target_ids] & ~is_boundary[prev_ids]).to(torch.int32)
+
+
+def load_tokenizer(h: Hyperparameters):
+    import sentencepiece as spm
+
+    if not os.path.isfile(h.tokenizer_path):
+        raise FileNotFoundError(f"tokenizer not found: {h.tokenizer_path} (set DATA_DIR or TOKENIZER_PATH)")
+    return spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+
+
+# -----------------------------------------------------------------------------
+# DATA
+# Shards: 256 int32 header words (magic, version, n_tokens), then n_tokens uint16 ids.
+# The training loader reproduces the record's draw sequence call for call (SPEC §1): each
+# rank owns every world_size-th shard and an RNG seeded with its rank (not SEED), so every
+# seed sees the same data and a run is step-comparable with the record's.
+# -----------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
+
+
+def read_shard(path: str) -> np.ndarray:
+    size = os.path.getsize(path)
+    if size < HEADER_WORDS * 4:
+        raise ValueError(f"corrupt shard {path}: {size} bytes is shorter than the 1024-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"corrupt shard {path}: magic {header[0]} != {SHARD_MAGIC}")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"corrupt shard {path}: version {header[1]} != {SHARD_VERSION}")
+    n = int(header[2])
+    if n < 0 or size != HEADER_WORDS * 4 + 2 * n:
+        raise ValueError(f"corrupt shard {path}: header says {n} tokens, so {HEADER_WORDS * 4 + 2 * n} bytes, "
+                         f"but the file has {size}")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_WORDS * 4, shape=(n,))
+
+
+def shard_files(pattern: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no shards match {pattern}")
+    return files
+
+
+def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tensor:
+    tokens = np.concatenate([np.asarray(read_shard(f)) for f in shard_files(pattern)])
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ValueError(f"validation split {pattern} has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
+    tokens = tokens[: usable + 1]
+    if int(tokens.max()) >= vocab_size:
+        raise ValueError(f"validation shards hold token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+class ShuffledSequenceLoader:
+    """Draws TRAIN_SEQ_LEN+1 token windows from this rank's shards without replacement."""
+
+    def __init__(self, pattern: str, seq_len: int, rank: int, world_size: int):
+        files = shard_files(pattern)[rank::world_size]
+        if not files:
+            raise ValueError(f"rank {rank} of {world_size} has no training shard ({pattern})")
+        self.files, self.seq_len = files, seq_len
+        self.tokens = [read_shard(f) for f in files]
+        self.rng = np.random.Generator(np.random.PCG64(rank))
+        self.starts: list[list[int]] = [[] for _ in files]
+        self._reset_all()
+
+    def _reset_all(self) -> None:
+        L = self.seq_len
+        for i, toks in enumerate(self.tokens):
+            n = len(toks)
+            max_phase = min(L - 1, max(0, n - L - 1))
+            phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
+            order = self.rng.permutation(max(0, (n - 1 - phase) // L))
+            self.starts[i] = (phase + order * L).tolist()
+        if not any(self.starts):
+            raise ValueError(f"training shards {self.files} hold no window of TRAIN_SEQ_LEN+1={L + 1} tokens")
+
+    def next_batch(self, rows: int) -> tuple[Tensor, Tensor]:
+        L = self.seq_len
+        batch = np.empty((rows, L + 1), dtype=np.int64)
+        for r in range(rows):
+            remaining = np.array([len(s) for s in self.starts], dtype=np.float64)
+            if remaining.sum() == 0:
+                self._reset_all()
+                remaining = np.array([len(s) for s in self.starts], dtype=np.float64)
+            si = int(self.rng.choice(len(self.starts), p=remaining / remaining.sum()))
+            start = self.starts[si].pop()
+            batch[r] = self.tokens[si][start: start + L + 1]
+        t = torch.from_numpy(batch)
+        return t[:, :-1], t[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# MODEL
+# 11 layers x 512 wide, GQA 8/4 heads, 4x leaky-ReLU^2 MLP, depth recurrence over layers
+# 3-5, U-Net skips, parallel residual blocks from layer 7, XSA, gated attention output,
+# SmearGate, BigramHash input branch, tied and soft-capped head (SPEC §3).
+# -----------------------------------------------------------------------------
+
+# Small tensors that steer the residual stream: AdamW at SCALAR_LR and kept fp32.
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "attn_gate_proj", "skip_weights",
+                    "skip_gates", "bigram.scale", "smear_lambda")
+FLASH_ATTN_FUNC = None  # set by enable_flash_attention() on CUDA when flash_attn_interface imports
+
+
+def enable_flash_attention() -> bool:
+    global FLASH_ATTN_FUNC
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return False
+    FLASH_ATTN_FUNC = flash_attn_func
+    return True
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear with an fp32 master weight, cast to the activation dtype at matmul."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rotary_cos_sin(T: int, rope_dims: int, base: float, train_seq_len: int, device, dtype):
+    if T > train_seq_len:
+        # Stretch the base for longer contexts so the slowest frequencies still span T.
+        base = base * (T / train_seq_len) ** (rope_dims / (rope_dims - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
+    freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
+
+
+def apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate only the first rope_dims dims of each head; the rest carry position-free content."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half: 2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos, rest), dim=-1)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); query head h reads KV head h // (H/Hkv)."""
+    if FLASH_ATTN_FUNC is not None and q.is_cuda:
+        out = FLASH_ATTN_FUNC(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, h: Hyperparameters, use_xsa: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
+        self.use_xsa = use_xsa
+        kv_dim = h.num_kv_heads * h.head_dim
+        self.c_q = CastedLinear(h.model_dim, h.model_dim)
+        self.c_k = CastedLinear(h.model_dim, kv_dim)
+        self.c_v = CastedLinear(h.model_dim, kv_dim)
+        self.proj = CastedLinear(h.model_dim, h.model_dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.gate_width = h.gate_width if h.gate_attn_out else 0
+        if self.gate_width:
+            self.attn_gate_proj = CastedLinear(h.gate_width, h.num_heads, zero_init=True)
+
+    def forward(self, a: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = a.shape
+        q = self.c_q(a).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(a).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(a).view(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_partial_rotary(rms_norm(q), cos, sin)
+        k = apply_partial_rotary(rms_norm(k), cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)  # (B, T, H, D)
+        if self.use_xsa:
+            # Remove what the head merely copies from its own value vector, so attention
+            # spends capacity on information from other positions.
+            group = self.num_heads // self.num_kv_heads
+            y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
+            v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+            y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, self.num_heads, self.head_dim)
+        if self.gate_width:
+            y = y * (2 * torch.sigmoid(self.attn_gate_proj(a[..., : self.gate_width])))[..., None]
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        hidden = int(h.mlp_mult * h.model_dim)
+        self.fc = CastedLinear(h.model_dim, hidden)
+        self.proj = CastedLinear(hidden, h.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, h: Hyperparameters, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(h, use_xsa=layer >= h.num_layers - h.xsa_last_n)
+        self.mlp = MLP(h)
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+        # Damp deeper layers' inputs so the residual stream's growth does not swamp them.
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
+        self.parallel = layer >= h.parallel_residual_start
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x_in = mix[0] * x + mix[1] * x0
+        a = rms_norm(x_in) * self.norm_scale
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(a, cos, sin)
+        if self.parallel:
+            return x_in + attn_out + self.mlp_scale.to(x.dtype) * self.mlp(a)
+        h = x_in + attn_out
+        return h + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(h) * self.norm_scale)
+
+
+class BigramHash(nn.Module):
+    """Adds a learned embedding of the hashed (previous, current) token pair."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.buckets = h.bigram_vocab_size
+        self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
+        self.proj = CastedLinear(h.bigram_dim, h.model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, ids: Tensor) -> Tensor:
+        m = self.buckets - 1
+        t = ids.to(torch.int32)
+        b = torch.empty_like(t)
+        b[..., 0] = m  # position 0 has no previous token: a reserved bucket
+        b[..., 1:] = torch.bitwise_xor(36313 * t[..., 1:], 27191 * t[..., :-1]) % m
+        return b.long()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.proj(self.embed(self.bucket_ids(ids))) * self.scale
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.h = h
+        self.softcap = h.logit_softcap
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
+        if h.smear_gate:
+            self.smear_gate = CastedLinear(h.smear_gate_width, 1, zero_init=True)
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        # Virtual layer order with depth recurrence: layers LOOP_START..LOOP_END run NUM_LOOPS+1 times.
+        order = list(range(h.num_layers))
+        if h.num_loops > 0:
+            loop = list(range(h.loop_start, h.loop_end + 1))
+            order = list(range(h.loop_start)) + loop * (h.num_loops + 1) + list(range(h.loop_end + 1, h.num_layers))
+        self.encoder_indices, self.decoder_indices = order[: len(order) // 2], order[len(order) // 2:]
+        self.plain_encoder_indices = list(range(h.num_layers // 2))
+        self.plain_decoder_indices = list(range(h.num_layers // 2, h.num_layers))
+        self.looping_active = False
+        num_skips = min(len(self.encoder_indices), len(self.decoder_indices))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        if self.tok_emb.weight.is_meta:
+            return
+        nn.init.normal_(self.tok_emb.weight, std=self.h.tied_embed_init_std)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+            nn.init.orthogonal_(self.bigram.proj.weight)
+        for name, module in self.named_modules():
+            if not isinstance(module, CastedLinear) or name == "bigram.proj":
+                continue
+            if module.zero_init:
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight)
+
+    def forward_hidden(self, ids: Tensor) -> Tensor:
+        """Final-norm hidden states (B, T, model_dim): the input of the tied head."""
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids).to(x.dtype)
+        x = rms_norm(x)
+        if self.h.smear_gate:
+            # SmearGate: blend in the previous position's embedding, gated by the current one.
+            w = self.h.smear_gate_width
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :w]))
+            if self.h.smear_mask_bos:
+                gate = gate * (ids != 1).unsqueeze(-1).to(gate.dtype)  # a document start takes nothing from the last one
+            x = x + gate * F.pad(x[:, :-1], (0, 0, 1, 0))
+        x0 = x
+        T = ids.size(1)
+        cos, sin = rotary_cos_sin(T, self.h.rope_dims, self.h.rope_base, self.h.train_seq_len, x.device, x.dtype)
+        if self.looping_active:
+            encoder, decoder = self.encoder_indices, self.decoder_indices
+        else:
+            encoder, decoder = self.plain_encoder_indices, self.plain_decoder_indices
+        skips = []
+        for i in encoder:
+            x = self.blocks[i](x, x0, cos, sin)
+            skips.append(x)
+        for j, i in enumerate(decoder):
+            if j < self.skip_weights.size(0) and skips:
+                k = self.skip_weights[j].to(x.dtype) * skips.pop()
+                x = torch.lerp(k, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+            x = self.blocks[i](x, x0, cos, sin)
+        return rms_norm(x)
+
+    def forward_logits(self, ids: Tensor) -> Tensor:
+        x = self.forward_hidden(ids)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        return self.softcap * torch.tanh(logits / self.softcap)
+
+    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Mean NLL in nats, or per-token NLL (fp32, shape of targets) with reduction='none'.
+        Training, evaluation and TTT all call this one function."""
+        logits = self.forward_logits(ids).float()
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        return losses.mean() if reduction == "mean" else losses
+
+
+def build_model(h: Hyperparameters, device, is_cuda: bool) -> GPT:
+    model = GPT(h).to(device)
+    if is_cuda:
+        # The record casts the model to bf16 and restores fp32 for every linear and control
+        # tensor, which leaves exactly the two embedding tables stored (and updated) in bf16.
+        model.tok_emb.weight.data = model.tok_emb.weight.data.bfloat16()
+        if model.bigram is not None:
+            model.bigram.embed.weight.data = model.bigram.embed.weight.data.bfloat16()
+    return model
+
+
+def load_into_model(model: nn.Module, state: dict, source: str) -> None:
+    """Load a state dict with the record's key names; values take each parameter's dtype."""
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k != "logit_temp"}  # the record's unused buffer
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    with torch.no_grad():
+        for k, target in own.items():
+            v = state[k]
+            if v.numel() != target.numel():
+                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(target.shape)}")
+            target.copy_(v.reshape(target.shape).to(target.dtype))
+
+
+# -----------------------------------------------------------------------------
+# OPTIMIZERS
+# Muon (MuonEq-R) for the block matrices plus bigram.proj and smear_gate; AdamW for the
+# token embedding and the control tensors. bigram.embed is in no group by default, as in
+# the record (it was meant for the token group and never added); BIGRAM_TRAIN_EMBED=1 adds it.
+# -----------------------------------------------------------------------------
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
+    """Approximately orthogonalise G with a quintic Newton-Schulz iteration in bf16."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    X = X / (X.norm() + 1e-7)
+    transposed = G.size(0) > G.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum -> row L2 normalisation -> Newton-Schulz -> decoupled weight decay.
+
+    Parameter i is orthogonalised on rank i % world_size; the flat update is then summed
+    across ranks so every rank applies the same update.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 row_normalize: bool, nesterov: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay, row_normalize=row_normalize, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            # bf16 on GPU halves the all-reduce; gloo has no bf16 sum, so CPU uses fp32.
+            flat_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=flat_dtype)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    g = p.grad
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(g)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(group["momentum"]).add_(g)
+                    g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    if group["row_normalize"]:
+                        g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
+                    g = zeropower_via_newtonschulz5(g, group["backend_steps"])
+                    g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset: offset + p.numel()] = g.flatten().to(flat_dtype)
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                update = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+                offset += p.numel()
+
+
+def split_params(model: GPT, h: Hyperparameters):
+    matrix, scalar, token = [], [], [model.tok_emb.weight]
+    for name, p in model.named_parameters():
+        if name == "tok_emb.weight":
+            continue
+        if name == "bigram.embed.weight":
+            if h.bigram_train_embed:
+                token.append(p)
+        elif any(pat in name for pat in CONTROL_PATTERNS):
+            scalar.append(p)
+        elif p.ndim == 2:
+            matrix.append(p)
+        else:
+            raise ValueError(f"parameter {name} {tuple(p.shape)} has no optimizer group")
+    return matrix, scalar, token
+
+
+def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool) -> list[torch.optim.Optimizer]:
+    matrix, scalar, token = split_params(model, h)
+    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=is_cuda)
+    optimizers = [
+        torch.optim.AdamW([dict(params=token, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)],
+                          weight_decay=h.embed_wd, **adam),
+        torch.optim.AdamW([dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr)], weight_decay=h.adam_wd, **adam),
+        Muon([dict(params=matrix, lr=h.matrix_lr, base_lr=h.matrix_lr)], lr=h.matrix_lr, momentum=h.muon_momentum,
+             backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd, row_normalize=h.muon_row_normalize),
+    ]
+    return optimizers
+
+
+# -----------------------------------------------------------------------------
+# TRAINING
+# The schedule runs on wall-clock time: frac = elapsed / (MAX_WALLCLOCK_SECONDS -
+# GPTQ_RESERVE_SECONDS), so warmdown and looping start at the same fraction of the budget
+# whatever the hardware's speed.
+# -----------------------------------------------------------------------------
+
+
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    if frac >= 1.0 - warmdown_frac:
+        return max((1.0 - frac) / warmdown_frac, min_lr)
+    return 1.0
+
+
+def training_frac(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    if h.max_wallclock_seconds > 0:
+        return elapsed_ms / (1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds))
+    return step / max(h.iterations, 1)
+
+
+class Trainer:
+    """One optimisation step = GRAD_ACCUM_STEPS micro-batches, clip, schedule, step, EMA."""
+
+    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, log: Logger):
+        self.h, self.rt, self.model, self.log = h, rt, model, log
+        self.optimizers = build_optimizers(model, h, rt.is_cuda)
+        self.muon = self.optimizers[-1]
+        # The bare model is kept for saving and quantizing; `compiled` for evaluation; `fwd` trains.
+        self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+        self.fwd = self.compiled
+        if rt.distributed:
+            self.fwd = nn.parallel.DistributedDataParallel(
+                self.compiled, device_ids=[rt.device.index] if rt.is_cuda else None, broadcast_buffers=False)
+        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    def step(self, loader: ShuffledSequenceLoader, step: int, lr_scale: float) -> Tensor:
+        h, rt = self.h, self.rt
+        total = torch.zeros((), device=rt.device)
+        for micro in range(h.grad_accum_steps):
+            x, y = loader.next_batch(h.micro_batch_seqs)
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            if rt.distributed:
+                self.fwd.require_backward_grad_sync = micro == h.grad_accum_steps - 1
+            with rt.autocast():
+                loss = self.fwd(x, y)
+            (loss / h.grad_accum_steps).backward()
+            total += loss.detach()
+        warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+        for group in self.muon.param_groups:
+            group["momentum"] = (1 - warm) * h.muon_momentum_warmup_start + warm * h.muon_momentum
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        if h.grad_clip_norm > 0:
+            # Over every parameter, bigram.embed's stray gradient included, as the record.
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        # Only the optimizers zero their own gradients: bigram.embed's keeps accumulating (record quirk).
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return total / h.grad_accum_steps
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        d = self.h.ema_decay
+        for k, v in self.model.state_dict().items():
+            self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+    def snapshot(self):
+        return (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers])
+
+    def restore(self, snap) -> None:
+        model_state, opt_states = snap
+        self.model.load_state_dict(model_state)
+        for opt, s in zip(self.optimizers, opt_states):
+            opt.load_state_dict(s)
+        self.model.zero_grad(set_to_none=True)
+        self.ema = {k: v.detach().float().clone() for k, v in self.model.state_dict().items()}
+
+
+def warm_up(h: Hyperparameters, trainer: Trainer, loader: ShuffledSequenceLoader) -> None:
+    """Run real steps (both graphs, looping off and on) so compilation and allocator warm-up
+    happen outside the timed budget, then put weights and optimizer state back."""
+    if h.warmup_steps <= 0:
+        return
+    snap = trainer.snapshot()
+    phases = [False, True] if h.num_loops > 0 else [False]
+    for looping in phases:
+        trainer.model.looping_active = looping
+        for s in range(h.warmup_steps):
+            trainer.step(loader, s, 1.0)
+    trainer.model.looping_active = False
+    trainer.restore(snap)
+    trainer.rt.synchronize()
+
+
+def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, log: Logger) -> Trainer:
+    trainer = Trainer(h, rt, model, log)
+    warm_up(h, trainer, ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size))
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
+    tokens_per_step = h.micro_batch_seqs * h.train_seq_len * h.grad_accum_steps * h.world_size
+    cap_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else None
+    training_ms, stop_after, step = 0.0, None, 0
+    rt.synchronize()
+    t0 = time.perf_counter()
+    while True:
+        last = step == h.iterations or (stop_after is not None and step >= stop_after)
+        if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+            rt.synchronize()
+            training_ms += 1000.0 * (time.perf_counter() - t0)
+            val_loss, val_bpb, _ = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
+            log(f"{step}/{h.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
+            rt.synchronize()
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
+        frac = training_frac(h, step, elapsed_ms)
+        if h.num_loops > 0 and not model.looping_active and frac >= h.enable_looping_at:
+            model.looping_active = True
+            log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{model.encoder_indices} "
+                f"decoder:{model.decoder_indices}")
+        loss = trainer.step(loader, step, lr_multiplier(frac, h.warmdown_frac, h.min_lr))
+        trainer.update_ema()
+        step += 1
+        approx_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
+        # One small all-reduce per step: every rank stops at the same step, and a NaN anywhere stops all.
+        flags = torch.stack([torch.tensor(float(cap_ms is not None and approx_ms >= cap_ms), device=rt.device),
+                             (~torch.isfinite(loss)).float()])
+        cap_hit, nonfinite = rt.all_reduce(flags, dist.ReduceOp.MAX).tolist()
+        if nonfinite:
+            raise FloatingPointError(f"training loss is {loss.item()} at step {step}; stopping (try a lower lr)")
+        if step <= 10 or (h.train_log_every > 0 and step % h.train_log_every == 0) or step == h.iterations:
+            log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {approx_ms / 60000:.1f}m "
+                f"tok/s: {tokens_per_step * step / (approx_ms / 1000):.0f}")
+        if stop_after is None and cap_hit:
+            stop_after = step
+            log(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
+    log(f"train_done steps:{step} train_time:{training_ms:.0f}ms")
+    if rt.is_cuda:
+        log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved:{torch.cuda.max_memory_reserved() // 2**20} MiB")
+    # The model that ships is the EMA of the weights, not the last iterate.
+    load_into_model(model, trainer.ema, "EMA")
+    return trainer
+
+
+# -----------------------------------------------------------------------------
+# QUANTIZATION
+# Full-Hessian GPTQ with SDClip for the big matrices (int6) and the tied embedding (int8,
+# Hessian of the final-norm output it multiplies); Path A v3 for the small tensors: int8
+# with a per-tensor or per-row scale, fp16 for the rest (SPEC §5).
+# -----------------------------------------------------------------------------
+
+GPTQ_MATRIX_SUFFIXES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight",
+                        "mlp.fc.weight", "mlp.proj.weight")
+PER_TENSOR_INT8 = ("attn_scale", "mlp_scale", "resid_mix", "skip_gates", "skip_weights")
+PER_ROW_INT8 = ("bigram.proj.weight", "attn_gate_proj.weight", "smear_gate.weight")
+
+
+def quant_category(name: str, t: Tensor) -> str:
+    """Quantization method of one state-dict tensor (the key written to the blob's 'm')."""
+    if name.endswith(GPTQ_MATRIX_SUFFIXES):
+        return "gptq_int6"
+    if name == "tok_emb.weight":
+        return "gptq_int8"
+    if name == "bigram.embed.weight":
+        return "int6_row"
+    if any(name.endswith(p) for p in PER_TENSOR_INT8):
+        return "int8_tensor"
+    if name.endswith(PER_ROW_INT8):
+        return "int8_row"
+    if t.numel() > 65536:
+        raise ValueError(f"{name} {tuple(t.shape)} has {t.numel()} values but no quantization rule")
+    return "fp16"
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, rows: int, rt: Runtime) -> dict:
+    """H = sum(X^T X) / n for the input X of every GPTQ matrix, and of the final-norm output
+    for the tied embedding, over TRAINING batches only. A looped layer accumulates every pass."""
+    hessians, counts, hooks = {}, {}, []
+
+    def accumulate(key: str, x: Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.size(-1))
+        if key not in hessians:
+            hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+            counts[key] = 0
+        hessians[key].addmm_(x.T, x)
+        counts[key] += x.size(0)
+
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear) and f"{name}.weight".endswith(GPTQ_MATRIX_SUFFIXES):
+            hooks.append(module.register_forward_pre_hook(
+                lambda mod, args, key=f"{name}.weight": accumulate(key, args[0])))
+    model.eval()
+    try:
+        for _ in range(batches):
+            x, _ = loader.next_batch(rows)
+            with rt.autocast():
+                accumulate("tok_emb.weight", model.forward_hidden(x.to(rt.device)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # Every rank calibrated on its own batches: average so all ranks quantize identically.
+    for key in sorted(hessians):
+        H = rt.all_reduce(hessians[key])
+        n = torch.tensor(float(counts[key]), device=H.device)
+        hessians[key] = (H / rt.all_reduce(n)).cpu()
+    return hessians
+
+
+def sdclip_scale(w: Tensor, clip_sigmas: float, clip_range: int) -> Tensor:
+    """Per-row scale from the row's standard deviation, so an outlier cannot stretch the grid."""
+    return (clip_sigmas * w.float().std(dim=1) / clip_range).clamp_min(1e-6).half()
+
+
+def gptq_quantize_weight(w: Tensor, H: Tensor, clip_sigmas: float, clip_range: int,
+                         block_size: int = 128) -> tuple[Tensor, Tensor]:
+    """GPTQ: quantize columns in order of decreasing Hessian diagonal, pushing each column's
+    rounding error onto the columns not yet quantized. Returns (q int8, scale fp16 per row)."""
+    W = w.detach().float().clone()
+    H = H.detach().float().clone()
+    rows, cols = W.shape
+    scale = sdclip_scale(W, clip_sigmas, clip_range)
+    s = scale.float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(0.01 * torch.diag(H).mean())
+    perm = torch.argsort(torch.diag(H), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros(rows, cols, dtype=torch.int8)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err = torch.zeros(rows, i2 - i1)
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            q = torch.clamp(torch.round(col / s), -clip_range, clip_range)
+            Q[:, i1 + i] = q.to(torch.int8)
+            err = (col - q * s) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)], scale
+
+
+def quantize_per_row(w: Tensor, clip_range: int) -> tuple[Tensor, Tensor]:
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / clip_range).clamp_min(1e-6).half()
+    q = torch.clamp(torch.round(w / scale.float()[:, None]), -clip_range, clip_range).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_tensor(w: Tensor) -> tuple[Tensor, Tensor]:
+    w = w.detach().float()
+    scale = (w.abs().max() / 127).clamp_min(1e-12)
+    return torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8), scale
+
+
+def quantize_state_dict(state: dict, hessians: dict, h: Hyperparameters) -> tuple[dict, dict]:
+    """Whole state dict -> ({'<name>.q','<name>.scale' or '<name>': tensor}, {name: method})."""
+    w, m = {}, {}
+    matrix_range, embed_range = 2 ** (h.matrix_bits - 1) - 1, 2 ** (h.embed_bits - 1) - 1
+    for name, t in state.items():
+        cat = quant_category(name, t)
+        t = t.detach().cpu()
+        if cat in ("gptq_int6", "gptq_int8"):
+            if name not in hessians:
+                raise ValueError(f"no Hessian was collected for {name}")
+            sigmas, rng = (h.matrix_clip_sigmas, matrix_range) if cat == "gptq_int6" else (h.embed_clip_sigmas, embed_range)
+            q, scale = gptq_quantize_weight(t, hessians[name], sigmas, rng)
+        elif cat == "int6_row":
+            q, scale = quantize_per_row(t, 31)
+        elif cat == "int8_row":
+            q, scale = quantize_per_row(t.reshape(t.size(0), -1), 127)
+        elif cat == "int8_tensor":
+            q, scale = quantize_per_tensor(t)
+        else:
+            w[name] = t.half()
+            m[name] = cat
+            continue
+        w[name + ".q"], w[name + ".scale"], m[name] = q, scale, cat
+    return w, m
+
+
+def dequantize_state_dict(w: dict, m: dict) -> dict:
+    """Inverse of quantize_state_dict. Works from the stored shapes alone, so blobs whose method
+    labels are worded differently (the record's) read the same way."""
+    out = {}
+    for name in m:
+        if name in w:
+            out[name] = w[name].float()
+            continue
+        q, scale = w[name + ".q"].float(), w[name + ".scale"].float()
+        if scale.numel() == 1:
+            out[name] = q * scale.reshape(())
+        else:
+            out[name] = q * scale.reshape(-1, *([1] * (q.ndim - 1)))
+    return out
+
+
+def category_table(m: dict, w: dict) -> list[str]:
+    counts: dict[str, list[int]] = {}
+    for name, cat in m.items():
+        n = w[name].numel() if name in w else w[name + ".q"].numel()
+        c = counts.setdefault(cat, [0, 0])
+        c[0] += 1
+        c[1] += n
+    return [f"quant_category:{cat} tensors:{c[0]} values:{c[1]}" for cat, c in sorted(counts.items())]
+
+
+# -----------------------------------------------------------------------------
+# SERIALIZATION
+# torch.save({'w','m'}) -> stride-2 byte shuffle ('BSHF') -> brotli-11 or xz. The shuffle
+# groups the high and low bytes of the 16-bit scales and int8 pairs so the entropy coder
+# sees two smoother streams. Files are written to a temp name and renamed into place.
+# -----------------------------------------------------------------------------
+
+SHUFFLE_MAGIC = b"BSHF"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
+def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
+    return SHUFFLE_MAGIC + bytes([stride]) + b"".join(data[i::stride] for i in range(stride))
+
+
+def byte_unshuffle(blob: bytes) -> bytes:
+    if blob[:4] != SHUFFLE_MAGIC or len(blob) < 5 or blob[4] == 0:
+        raise ValueError("missing BSHF byte-shuffle header")
+    stride, payload = blob[4], np.frombuffer(blob, dtype=np.uint8, offset=5)
+    out, pos = np.empty(len(payload), dtype=np.uint8), 0
+    for i in range(stride):
+        n = len(range(i, len(payload), stride))
+        out[i::stride] = payload[pos: pos + n]
+        pos += n
+    return out.tobytes()
+
+
+def compress_blob(w: dict, m: dict, compressor: str) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": w, "m": m}, buf)
+    shuffled = byte_shuffle(buf.getvalue())
+    if compressor == "brotli":
+        import brotli
+
+        return brotli.compress(shuffled, quality=11)
+    return lzma.compress(shuffled, preset=9 | lzma.PRESET_EXTREME)
+
+
+def decompress_blob(blob: bytes, source: str) -> tuple[dict, dict]:
+    try:
+        if blob.startswith(XZ_MAGIC):
+            raw = lzma.decompress(blob)
+        else:
+            import brotli
+
+            raw = brotli.decompress(blob)
+    except Exception as e:
+        raise ValueError(f"{source}: not a brotli or xz stream ({type(e).__name__}: {e})") from None
+    try:
+        obj = torch.load(io.BytesIO(byte_unshuffle(raw)), map_location="cpu", weights_only=True)
+        w, m = obj["w"], obj["m"]
+    except Exception as e:
+        raise ValueError(f"{source}: decompressed, but the contents are not a quantized model ({e})") from None
+    return w, m
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_quantized_model(h: Hyperparameters, rt: Runtime, path: str) -> GPT:
+    """A fresh model holding the artifact's dequantized weights, looping on, as evaluated."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"quantized model not found: {path} (QUANTIZED_MODEL_PATH)")
+    with open(path, "rb") as f:
+        w, m = decompress_blob(f.read(), path)
+    model = build_model(h, rt.device, rt.is_cuda)
+    load_into_model(model, dequantize_state_dict(w, m), path)
+    model.looping_active = h.num_loops > 0
+    return model
+
+
+# -----------------------------------------------------------------------------
+# EVALUATION
+# All scoring goes through score_windows(): a window is (start, first scored target, end),
+# each target is scored once with the context the window gives it. Plain evaluation is
+# windows of EVAL_SEQ_LEN every EVAL_SEQ_LEN tokens; sliding evaluation advances by
+# EVAL_STRIDE; score-first TTT scores a chunk's windows, then trains on that chunk.
+# -----------------------------------------------------------------------------
+
+
+def make_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, score_from, end) in target indices: the window feeds tokens[start:end] and scores
+    targets score_from..end-1. The first scores everything; each later one only what is new."""
+    windows, scored_to, start = [], 0, 0
+    while scored_to < num_targets:
+        end = min(start + seq_len, num_targets)
+        if end > scored_to:
+            windows.append((start, scored_to, end))
+            scored_to = end
+        start += stride
+    return windows
+
+
+def rank_share(n: int, rank: int, world: int) -> range:
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+@torch.no_grad()
+def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtime, luts, trace=None):
+    """Sum of NLL, scored token count and byte count over the windows (this rank's share only).
+    `model` is the GPT or its compiled wrapper; compiled, every batch is padded to one shape."""
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    model.eval()
+    for b in range(0, len(windows), h.eval_batch_seqs):
+        batch = windows[b: b + h.eval_batch_seqs]
+        width = max(end - start for start, _, end in batch)
+        rows = len(batch)
+        if rt.compile:
+            rows, width = h.eval_batch_seqs, max(width, h.eval_seq_len)
+        x = torch.zeros(rows, width, dtype=torch.int64)
+        y = torch.zeros_like(x)
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        for r, (start, score_from, end) in enumerate(batch):
+            x[r, : end - start] = tokens[start:end]
+            y[r, : end - start] = tokens[start + 1: end + 1]
+            mask[r, score_from - start: end - start] = True  # later padding cannot reach earlier positions: causal
+            if trace is not None:
+                trace.append(("score", score_from, end))
+        x, y, mask = x.to(rt.device), y.to(rt.device), mask.to(rt.device)
+        with rt.autocast():
+            nll = model(x, y, reduction="none")
+        sums[0] += nll[mask].double().sum()
+        sums[1] += mask.sum()
+        sums[2] += token_bytes(x, y, luts)[mask].double().sum()
+    return sums
+
+
+def summarize(sums: Tensor, rt: Runtime) -> tuple[float, float]:
+    loss_sum, n_tokens, n_bytes = rt.all_reduce(sums).tolist()
+    val_loss = loss_sum / n_tokens
+    return val_loss, val_loss / math.log(2) * n_tokens / n_bytes
+
+
+def evaluate_plain(h, rt, model, val_tokens, luts):
+    t0 = time.perf_counter()
+    windows = make_windows(val_tokens.numel() - 1, h.eval_seq_len, h.eval_seq_len)
+    mine = [windows[i] for i in rank_share(len(windows), rt.rank, rt.world_size)]
+    was_training = model.training
+    loss, bpb = summarize(score_windows(model, val_tokens, mine, h, rt, luts), rt)
+    model.train(was_training)
+    return loss, bpb, 1000 * (time.perf_counter() - t0)
+
+
+def evaluate_sliding(h, rt, model, val_tokens, luts, log=None, trace=None):
+    t0 = time.perf_counter()
+    windows = make_windows(val_tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
+    mine = [windows[i] for i in rank_share(len(windows), rt.rank, rt.world_size)]
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    # About ten progress lines, each a whole number of batches.
+    step = max(1, math.ceil(len(mine) / 10 / h.eval_batch_seqs)) * h.eval_batch_seqs
+    for b in range(0, len(mine), step):
+        sums += score_windows(model, val_tokens, mine[b: b + step], h, rt, luts, trace)
+        if log is not None and b + step < len(mine):
+            elapsed = time.perf_counter() - t0
+            done = (b + step) / len(mine)
+            log(f"sliding_progress windows:{b + step}/{len(mine)} elapsed:{elapsed:.0f}s eta:{elapsed / done - elapsed:.0f}s")
+    loss, bpb = summarize(sums, rt)
+    return loss, bpb, 1000 * (time.perf_counter() - t0)
+
+
+def evaluate_ttt(h, rt, model, val_tokens, luts, log=None, trace=None):
+    """Score-first TTT. Each chunk's windows are scored under no_grad before the model trains on
+    that chunk's tokens, so no target is ever predicted by weights that have seen it; the last
+    chunk is never trained on (nothing is left to score)."""
+    t0 = time.perf_counter()
+    num_targets = val_tokens.numel() - 1
+    windows = make_windows(num_targets, h.eval_seq_len, h.eval_stride)
+    num_chunks = (num_targets + h.ttt_chunk_tokens - 1) // h.ttt_chunk_tokens
+    by_chunk = [[] for _ in range(num_chunks)]
+    for w in windows:
+        by_chunk[w[1] // h.ttt_chunk_tokens].append(w)
+    params = list(model.parameters())  # every parameter adapts, bigram.embed included
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    L = h.eval_seq_len
+    last_log = t0
+    for c in range(num_chunks):
+        mine = [by_chunk[c][i] for i in rank_share(len(by_chunk[c]), rt.rank, rt.world_size)]
+        sums += score_windows(model, val_tokens, mine, h, rt, luts, trace)
+        if c < num_chunks - 1 and h.ttt_epochs > 0:
+            lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            chunk_start = c * h.ttt_chunk_tokens
+            n_seqs = (min(chunk_start + h.ttt_chunk_tokens, num_targets) - chunk_start) // L
+            seqs = rank_share(n_seqs, rt.rank, rt.world_size)
+            # Every rank takes the same number of steps so the gradient all-reduce stays matched.
+            steps = math.ceil(math.ceil(n_seqs / rt.world_size) / h.ttt_batch_seqs)
+            model.train()
+            for _ in range(h.ttt_epochs):
+                for s in range(steps):
+                    batch = seqs[s * h.ttt_batch_seqs: (s + 1) * h.ttt_batch_seqs]
+                    opt.zero_grad(set_to_none=False)
+                    if len(batch):
+                        starts = [chunk_start + i * L for i in batch]
+                        xy = torch.stack([val_tokens[st: st + L + 1] for st in starts]).to(rt.device)
+                        if trace is not None:
+                            trace.append(("train", starts[0], starts[-1] + L))
+                        with rt.autocast():
+                            loss = model(xy[:, :-1], xy[:, 1:])
+                        loss.backward()
+                    if rt.distributed:
+                        for p in params:  # gloo has no AVG: sum, then divide
+                            if p.grad is None:
+                                p.grad = torch.zeros_like(p)
+                            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                            p.grad.div_(rt.world_size)
+                    torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+                    opt.step()
+        now = time.perf_counter()
+        if log is not None and (now - last_log > 30 or c == num_chunks - 1):
+            last_log = now
+            log(f"ttt_progress chunk:{c + 1}/{num_chunks} elapsed:{now - t0:.0f}s "
+                f"eta:{(now - t0) / (c + 1) * (num_chunks - c - 1):.0f}s")
+    model.eval()
+    loss, bpb = summarize(sums, rt)
+    return loss, bpb, 1000 * (time.perf_counter() - t0)
+
+
+def maybe_compile(model: GPT, rt: Runtime):
+    return torch.compile(model, dynamic=False) if rt.compile else model
+
+
+def run_evaluations(h, rt, val_tokens, luts, log) -> None:
+    """Quantized -> sliding -> TTT, each on a model freshly loaded from the artifact."""
+    stages = [("quantized", evaluate_plain)]
+    if h.sliding_window_enabled:
+        stages.append(("quantized_sliding_window", evaluate_sliding))
+    if h.ttt_enabled:
+        stages.append(("quantized_ttt", evaluate_ttt))
+    for label, fn in stages:
+        model = load_quantized_model(h, rt, h.quantized_model_path)
+        kwargs = {} if fn is evaluate_plain else {"log": log}
+        loss, bpb, ms = fn(h, rt, maybe_compile(model, rt), val_tokens, luts, **kwargs)
+        log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
+        del model
+
+
+# -----------------------------------------------------------------------------
+# MAIN
+# -----------------------------------------------------------------------------
+
+
+def log_header(h: Hyperparameters, rt: Runtime, log: Logger, code: bytes) -> None:
+    log(f"code_bytes:{len(code)}")
+    log(f"code_sha256:{hashlib.sha256(code).hexdigest()}")
+    if rt.is_cuda:
+        hw = f"device:cuda gpu:{torch.cuda.get_device_name(rt.device)} world_size:{rt.world_size}"
+    else:
+        hw = f"device:cpu cpu:{platform.processor() or platform.machine()} world_size:{rt.world_size} threads:{torch.get_num_threads()}"
+    log(f"hardware: {hw} cpus:{os.cpu_count()}")
+    log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__}"
+        + (f" cuda:{torch.version.cuda}" if rt.is_cuda else ""))
+    for name, value in h.items():
+        log(f"hparam:{name}={value}", console=False)
+    log(f"attention:{'flash_attn_3' if FLASH_ATTN_FUNC is not None else 'sdpa'} compile:{int(rt.compile)} "
+        f"grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{h.micro_batch_seqs}")
+
+
+def quantize_and_save(h, rt, model, log, code_bytes: int) -> int:
+    """GPTQ-calibrate on training batches, write the artifact atomically; returns total bytes."""
+    t0 = time.perf_counter()
+    model.looping_active = h.num_loops > 0
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
+    hessians = collect_hessians(model, loader, h.gptq_calibration_batches, h.micro_batch_seqs, rt)
+    log(f"gptq:collected {len(hessians)} hessians from {h.gptq_calibration_batches} training batches "
+        f"in {1000 * (time.perf_counter() - t0):.0f}ms")
+    blob_bytes = 0
+    if rt.is_main:
+        t1 = time.perf_counter()
+        w, m = quantize_state_dict(model.state_dict(), hessians, h)
+        for line in category_table(m, w):
+            log(line)
+        blob = compress_blob(w, m, h.compressor)
+        atomic_write(h.quantized_model_path, blob)
+        blob_bytes = len(blob)
+        log(f"gptq:quantized and compressed in {1000 * (time.perf_counter() - t1):.0f}ms")
+    sizes = rt.all_reduce(torch.tensor([blob_bytes], device=rt.device))
+    blob_bytes = int(sizes.item())
+    log(f"Serialized model quantized+{h.compressor}: {blob_bytes} bytes")
+    log(f"Total submission size quantized+{h.compressor}: {blob_bytes + code_bytes} bytes")
+    rt.barrier()
+    return blob_bytes + code_bytes
+
+
+def main() -> int:
+    h = Hyperparameters()
+    rt = Runtime(h)
+    log = Logger(f"logs/{h.run_id}.txt" if rt.is_main else None)
+    if rt.is_cuda:
+        enable_flash_attention()
+    code = Path(__file__).read_bytes()  # the file that is running: the packed one when packed
+    log_header(h, rt, log, code)
+    torch.manual_seed(h.seed)
+    sp = load_tokenizer(h)
+    luts = build_sentencepiece_luts(sp, h.vocab_size, rt.device)
+    val_tokens = load_validation_tokens(h.val_files, h.eval_seq_len, h.vocab_size)
+    log(f"val_tokens:{val_tokens.numel() - 1} train_shards:{len(shard_files(h.train_files))}")
+
+    if h.eval_only:
+        if not os.path.isfile(h.quantized_model_path):
+            raise FileNotFoundError(f"EVAL_ONLY=1 but the artifact {h.quantized_model_path} does not exist")
+        blob_bytes = os.path.getsize(h.quantized_model_path)
+        log(f"eval_only: {h.quantized_model_path}")
+        log(f"Serialized model quantized+{h.compressor}: {blob_bytes} bytes")
+        log(f"Total submission size quantized+{h.compressor}: {blob_bytes + len(code)} bytes")
+        total = blob_bytes + len(code)
+    else:
+        model = build_model(h, rt.device, rt.is_cuda)
+        if h.init_state:
+            load_into_model(model, torch.load(h.init_state, map_location="cpu", weights_only=True), h.init_state)
+            log(f"init_state: {h.init_state}")
+        log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+        trainer = train(h, rt, model, val_tokens, luts, log)
+        if rt.is_main:
+            atomic_write("final_model.pt", torch_bytes(model.state_dict()))
+            log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes (final_model.pt, EMA weights)")
+        model.looping_active = h.num_loops > 0
+        loss, bpb, ms = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
+        log(f"pre-quantization post-ema val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
+        total = quantize_and_save(h, rt, model, log, len(code))
+        del model, trainer
+    run_evaluations(h, rt, val_tokens, luts, log)
+    status = 0
+    if total > h.size_limit_bytes:
+        log(f"OVER BUDGET by {total - h.size_limit_bytes} bytes: total {total} > limit {h.size_limit_bytes}")
+        status = 3
+    if rt.distributed:
+        dist.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
