@@ -940,7 +940,25 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20} MiB")
     # The model that ships is the EMA of the weights, not the last iterate.
     load_into_model(model, trainer.ema, "EMA")
+    log_weights_checksum(model, rt, log)
     return trainer
+
+
+def log_weights_checksum(model: nn.Module, rt: Runtime, log: Logger) -> None:
+    """Every rank hashes its weights; rank 0 logs them all, so a silent divergence between
+    ranks (a missed all-reduce) shows in the log."""
+    digest = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        digest.update(k.encode())
+        digest.update(v.detach().float().cpu().numpy().tobytes())
+    mine = torch.tensor([int.from_bytes(digest.digest()[:7], "big")], dtype=torch.int64, device=rt.device)
+    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    if rt.distributed:
+        dist.all_gather(every, mine)
+    else:
+        every = [mine]
+    values = [f"{int(t.item()):014x}" for t in every]
+    log(f"weights_checksum:{values[0]} ranks:{','.join(values)} ranks_agree:{int(len(set(values)) == 1)}")
 
 
 # -----------------------------------------------------------------------------
