@@ -48,7 +48,7 @@ def train_sentencepiece(docs: list[str], vocab_size: int, model_path: Path) -> P
         input=str(text_path), model_prefix=str(model_path.with_suffix("")), vocab_size=vocab_size,
         model_type="bpe", pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, split_digits=True,
         normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, character_coverage=0.999,
-        user_defined_symbols=["\u2581"], num_threads=1, minloglevel=2)
+        num_threads=1, minloglevel=2)
     return model_path
 
 
@@ -95,7 +95,7 @@ def tiny_env(tiny_data, tmp_path) -> dict:
     """Environment of a CPU run of a few seconds: train, quantize, all three evaluations."""
     return dict(
         TINY_MODEL, DATA_DIR=tiny_data["data_dir"], RUN_ID="tiny", SEED="7",
-        ITERATIONS="12", TRAIN_BATCH_TOKENS="2048", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", EVAL_STRIDE="32",
+        ITERATIONS="12", TRAIN_BATCH_TOKENS="2048", GRAD_ACCUM_STEPS="2", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", EVAL_STRIDE="32",
         EVAL_BATCH_SEQS="16", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="6", TRAIN_LOG_EVERY="1",
         MUON_MOMENTUM_WARMUP_STEPS="5", GPTQ_CALIBRATION_BATCHES="4", TTT_CHUNK_TOKENS="1024", TTT_EPOCHS="1",
         COMPRESSOR="lzma", QUANTIZED_MODEL_PATH=str(tmp_path / "final_model.int6.ptz"),

@@ -1,0 +1,1068 @@
+"""Turn raw text into the challenge's tokenized shard layout.
+
+`train_gpt.py` reads pre-tokenized data, laid out exactly like the upstream
+challenge data:
+
+    DATA_DIR/datasets/fineweb10B_sp{V}/fineweb_val_000000.bin
+    DATA_DIR/datasets/fineweb10B_sp{V}/fineweb_train_000000.bin, ..._000001.bin, ...
+    DATA_DIR/tokenizers/fineweb_{V}_bpe.model   (+ the matching .vocab listing)
+
+This script builds that layout from your own text, so the training script can
+be run on something other than FineWeb (or on a tiny corpus, for a smoke test):
+
+* Inputs are JSONL files (one JSON object a line, with a string field "text")
+  or plain-text files (a whole file is one document).
+* The first ``--val-docs`` non-empty documents form the validation split, the
+  rest the training split. Documents keep their input order.
+* Each document becomes ``[BOS=1] + sp.encode(text)`` (no EOS), and the token
+  stream of a split is cut into shards of at most ``--shard-tokens`` tokens; a
+  document may straddle two consecutive shards, as in the upstream data.
+* The tokenizer is either reused (``--tokenizer PATH``) or trained here with
+  the challenge's SentencePiece settings on the first training documents
+  (never on validation documents).
+* ``DATA_DIR/manifest.json`` records inputs, tokenizer and shards with sha256s.
+
+Everything is written into a temporary directory inside DATA_DIR and moved
+into place only when the whole run succeeded, so a failed run leaves no
+partial shard or tokenizer behind.
+
+Round trip: decoding a document's ids gives back the text as the tokenizer's
+own normalizer sees it, i.e. ``sp.normalize(text)`` with U+2581 turned back
+into spaces (nmt_nfkc applies NFKC, maps newlines and tabs to spaces, trims
+the ends and collapses runs of whitespace).
+
+``--demo`` builds a small real-English corpus from the docstrings of the
+Python standard library, so there is something to train on without any
+download.
+
+Usage:
+    python prepare_data.py docs.jsonl more.jsonl --out DATA_DIR --vocab-size 8192
+    python prepare_data.py *.txt --out DATA_DIR --tokenizer fineweb_8192_bpe.model
+    python prepare_data.py --demo [--out ./data_demo] [--vocab-size 1024]
+
+The module has no side effects on import; `write_shard`, `read_shard`,
+`train_tokenizer`, `demo_documents`, `prepare` and `main` are meant to be
+used from other code and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+# --- Shard format --------------------------------------------------------------
+# A shard is 256 little-endian int32 header words ([0] magic, [1] version,
+# [2] n_tokens, the rest zero) followed by n_tokens little-endian uint16 ids;
+# its size is exactly 1024 + 2 * n_tokens bytes.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_WORDS = 256  # little-endian int32 words; only the first three are used
+HEADER_BYTES = HEADER_WORDS * 4
+BOS_ID = 1
+MAX_VOCAB_SIZE = 65536  # ids are stored as uint16, so every id must be < 2**16
+MAX_SHARD_TOKENS = 2**31 - 1  # the token count lives in an int32 header word
+
+DEFAULT_VAL_DOCS = 50
+DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_TOKENIZER_TRAIN_DOCS = 10_000
+DEMO_OUT_DIR = "./data_demo"
+DEMO_VOCAB_SIZE = 1024
+
+# The challenge tokenizer's settings. Changing any of them
+# produces a tokenizer whose byte accounting differs from the record's.
+CHALLENGE_TOKENIZER_SETTINGS = {
+    "model_type": "bpe",
+    "pad_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "unk_id": 3,
+    "byte_fallback": True,
+    "split_digits": True,
+    "normalization_rule_name": "nmt_nfkc",
+    "add_dummy_prefix": False,
+    "character_coverage": 0.999,
+}
+
+# Settings that make training reproducible. Every training sentence is used
+# (no sampling, so no shuffling). The learned pieces do not depend on the
+# thread count, but SentencePiece stores num_threads inside the .model file,
+# so it is pinned too: otherwise the file's sha256 would depend on the machine.
+DETERMINISTIC_TRAINER_SETTINGS = {
+    "input_sentence_size": 0,
+    "shuffle_input_sentence": False,
+    "num_threads": 4,
+}
+
+# SentencePiece silently drops training sentences longer than this many bytes
+# (its default). We feed whole documents as sentences, so the limit is raised
+# to the longest training document instead.
+SENTENCEPIECE_DEFAULT_MAX_SENTENCE_LENGTH = 4192
+
+SPACE_PIECE = "\u2581"  # SentencePiece's visible space, "▁"
+
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+
+# Encoding is done in batches: SentencePiece then spreads one batch over threads.
+ENCODE_BATCH_DOCS = 512
+ENCODE_BATCH_CHARS = 8_000_000
+ENCODE_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+PROGRESS_INTERVAL_S = 2.0
+
+
+# --- Shard I/O ---------------------------------------------------------------
+
+
+def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> Path:
+    """Write `tokens` as one shard file at `path` and return the path.
+
+    The file is written to a temporary name in the same directory and then
+    renamed over `path`, so a reader never sees a half-written shard.
+    Ids must be integers in [0, 65535]; anything else is refused (a silent
+    uint16 wrap-around would corrupt the data).
+    """
+    path = Path(path)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"{path}: tokens must be a 1-D sequence, got shape {arr.shape}")
+    if arr.size == 0:
+        arr = np.zeros(0, dtype=np.int64)  # np.asarray([]) is float64
+    elif arr.dtype == object:
+        try:
+            arr = arr.astype(np.int64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"{path}: tokens must be integers ({exc})") from None
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: tokens must be integers, got dtype {arr.dtype}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= MAX_VOCAB_SIZE:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{path}: token id {bad} does not fit a uint16 shard (ids must be in [0, {MAX_VOCAB_SIZE - 1}])"
+            )
+    if arr.size > MAX_SHARD_TOKENS:
+        raise ValueError(f"{path}: {arr.size} tokens exceed the int32 header limit {MAX_SHARD_TOKENS}")
+
+    header = np.zeros(HEADER_WORDS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, arr.size
+    payload = arr.astype("<u2", copy=False)
+
+    # Header and payload are written as two chunks: no 200 MB concatenated copy.
+    _atomic_write_bytes(path, header.tobytes(), payload.tobytes())
+    return path
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """Read one shard and return its tokens as a uint16 array.
+
+    The header is checked (magic, version, token count) and the file size must
+    be exactly 1024 + 2*n_tokens; anything else raises ValueError naming the file.
+    """
+    path = Path(path)
+    size = path.stat().st_size  # FileNotFoundError names the path by itself
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: corrupt shard: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
+    magic, version, n_tokens = (int(v) for v in header[:3])
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path}: corrupt shard: magic {magic}, expected {SHARD_MAGIC}")
+    if version != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported shard version {version}, expected {SHARD_VERSION}")
+    if n_tokens < 0:
+        raise ValueError(f"{path}: corrupt shard: negative token count {n_tokens}")
+    expected = HEADER_BYTES + 2 * n_tokens
+    if size != expected:
+        raise ValueError(
+            f"{path}: corrupt shard: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes"
+        )
+    tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=HEADER_BYTES)
+    return tokens.astype(np.uint16, copy=False)
+
+
+# --- Small helpers -----------------------------------------------------------
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, *chunks: bytes) -> None:
+    """Write the `chunks` to a temporary file beside `path`, then rename it over `path`.
+
+    A reader never sees a half-written file, and a crash leaves at most a
+    hidden ".tmp" file. (Not tempfile.mkstemp: its files are private, mode
+    0600, while these should get the usual permissions from the umask.)
+    """
+    tmp_name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _is_empty(text: str) -> bool:
+    # Whitespace-only documents would encode to a lone BOS; they carry nothing.
+    return not text.strip()
+
+
+class _Progress:
+    """Prints a progress line to stderr at most every PROGRESS_INTERVAL_S seconds."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.start = time.monotonic()
+        self.last = self.start
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            print(f"prepare_data: {message}", file=sys.stderr, flush=True)
+
+    def update(self, documents: int, tokens: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.quiet or (not force and now - self.last < PROGRESS_INTERVAL_S):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        self.note(
+            f"{documents:,} documents, {tokens:,} tokens, "
+            f"{tokens / elapsed:,.0f} tokens/s, {elapsed:.1f}s"
+        )
+
+
+# --- Inputs ------------------------------------------------------------------
+
+
+class _InputFile:
+    """One input file: JSONL (a document per line) or plain text (one document)."""
+
+    def __init__(self, path: str | os.PathLike, input_format: str = "auto"):
+        self.path = Path(path)
+        if input_format == "auto":
+            input_format = "jsonl" if self.path.suffix.lower() in JSONL_SUFFIXES else "text"
+        if input_format not in ("jsonl", "text"):
+            raise ValueError(f"unknown input format {input_format!r} (use 'auto', 'jsonl' or 'text')")
+        self.format = input_format
+        self.name = str(path)
+
+    def check(self) -> None:
+        if not self.path.exists():
+            raise FileNotFoundError(f"input file not found: {self.path}")
+        if not self.path.is_file():
+            raise ValueError(f"input is not a regular file: {self.path}")
+
+    def documents(self, stats: dict | None = None) -> Iterator[str]:
+        """Yield the file's non-empty documents; fill `stats` when the file is exhausted."""
+        digest = hashlib.sha256()
+        read = skipped = 0
+        if self.format == "text":
+            data = self.path.read_bytes()
+            digest.update(data)
+            try:
+                # utf-8-sig: editors sometimes prepend a byte-order mark, which is not text.
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{self.path}: not valid UTF-8 at byte {exc.start}") from None
+            read += 1
+            if _is_empty(text):
+                skipped += 1
+            else:
+                yield text
+        else:
+            with open(self.path, "rb") as fh:
+                for lineno, raw in enumerate(fh, start=1):
+                    digest.update(raw)
+                    text = self._parse_line(raw, lineno)
+                    if text is None:
+                        continue
+                    read += 1
+                    if _is_empty(text):
+                        skipped += 1
+                    else:
+                        yield text
+        if stats is not None:
+            stats.update(
+                path=self.name,
+                format=self.format,
+                sha256=digest.hexdigest(),
+                documents_read=read,
+                empty_documents_skipped=skipped,
+            )
+
+    def _parse_line(self, raw: bytes, lineno: int) -> str | None:
+        where = f"{self.path}: line {lineno}"
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{where}: not valid UTF-8 at column {exc.start + 1}") from None
+        if not line.strip():
+            return None  # blank lines (e.g. a trailing newline) are not documents
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object with a \"text\" field, got {type(obj).__name__}")
+        if "text" not in obj:
+            raise ValueError(f"{where}: JSON object has no \"text\" field (keys: {sorted(obj)[:5]})")
+        if not isinstance(obj["text"], str):
+            raise ValueError(f"{where}: \"text\" must be a string, got {type(obj['text']).__name__}")
+        return obj["text"]
+
+
+class _MemorySource:
+    """Documents held in memory (the --demo corpus), read like an input file."""
+
+    def __init__(self, name: str, texts: list[str]):
+        self.name = name
+        self.format = "memory"
+        self.texts = texts
+
+    def check(self) -> None:
+        pass
+
+    def documents(self, stats: dict | None = None) -> Iterator[str]:
+        digest = hashlib.sha256()
+        skipped = 0
+        for text in self.texts:
+            # Hash the documents as they would look in a JSONL file, so the
+            # recorded sha256 can be reproduced by writing them out.
+            digest.update((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
+            if _is_empty(text):
+                skipped += 1
+            else:
+                yield text
+        if stats is not None:
+            stats.update(
+                path=self.name,
+                format="jsonl (in memory)",
+                sha256=digest.hexdigest(),
+                documents_read=len(self.texts),
+                empty_documents_skipped=skipped,
+            )
+
+
+def _iter_documents(sources: list, stats: list[dict] | None = None) -> Iterator[str]:
+    for i, source in enumerate(sources):
+        yield from source.documents(None if stats is None else stats[i])
+
+
+def _too_few_documents(found: int, val_docs: int, sources: list) -> ValueError:
+    names = ", ".join(s.name for s in sources)
+    if found == 0:
+        return ValueError(f"empty corpus: no non-empty documents in {names}")
+    return ValueError(
+        f"only {found} non-empty documents in {names}; need at least val_docs + 1 = {val_docs + 1} "
+        f"so that the training split is not empty (lower --val-docs or add text)"
+    )
+
+
+# --- Tokenizer ---------------------------------------------------------------
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+        raise ValueError(f"vocab size must be an integer, got {vocab_size!r}")
+    if vocab_size >= MAX_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab size {vocab_size} is too large: shards store ids as uint16, so it must be < {MAX_VOCAB_SIZE}"
+        )
+    if vocab_size <= 0:
+        raise ValueError(f"vocab size must be positive, got {vocab_size}")
+
+
+def _check_tokenizer(sp: spm.SentencePieceProcessor, source: str) -> None:
+    """Refuse tokenizers the shards or the training script cannot use."""
+    vocab = sp.vocab_size()
+    if vocab >= MAX_VOCAB_SIZE:
+        raise ValueError(
+            f"{source}: vocab size {vocab} is too large: shards store ids as uint16, so it must be < {MAX_VOCAB_SIZE}"
+        )
+    if sp.bos_id() != BOS_ID:
+        raise ValueError(f"{source}: BOS id is {sp.bos_id()}, but documents must start with id {BOS_ID}")
+    # The bits-per-byte accounting needs "▁" as a piece of its own;
+    # train_gpt.py refuses a tokenizer without it, so refuse it here already.
+    if sp.piece_to_id(SPACE_PIECE) == sp.unk_id():
+        raise ValueError(
+            f"{source}: the tokenizer has no '{SPACE_PIECE}' (U+2581) piece of its own; "
+            "train_gpt.py cannot count bytes with it (the training text probably has almost no spaces)"
+        )
+
+
+def _load_tokenizer(model_bytes: bytes, source: str) -> spm.SentencePieceProcessor:
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(model_bytes)
+    except (RuntimeError, OSError, TypeError) as exc:
+        raise ValueError(f"{source}: not a SentencePiece model ({exc})") from None
+    return sp
+
+
+def _vocab_listing(sp: spm.SentencePieceProcessor) -> bytes:
+    # The same "piece<TAB>score" lines SentencePiece writes next to a model it
+    # trains with model_prefix (which we avoid: that embeds a path in the model).
+    lines = [f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size())]
+    return "".join(lines).encode("utf-8")
+
+
+def _train_settings(vocab_size: int, documents: list[str]) -> dict:
+    longest = max((len(d.encode("utf-8")) for d in documents), default=0)
+    return {
+        **CHALLENGE_TOKENIZER_SETTINGS,
+        "vocab_size": int(vocab_size),
+        **DETERMINISTIC_TRAINER_SETTINGS,
+        "max_sentence_length": max(SENTENCEPIECE_DEFAULT_MAX_SENTENCE_LENGTH, longest),
+    }
+
+
+def _train_model_bytes(documents: list[str], vocab_size: int) -> tuple[bytes, dict]:
+    """Train a BPE tokenizer in memory; return the serialized model and the settings used."""
+    _check_vocab_size(vocab_size)
+    if not documents:
+        raise ValueError("cannot train a tokenizer on no documents")
+    settings = _train_settings(vocab_size, documents)
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(documents),
+            model_writer=buffer,
+            minloglevel=2,  # SentencePiece's own log is long; errors still surface as exceptions
+            **settings,
+        )
+    except RuntimeError as exc:
+        raise _explain_training_error(exc, vocab_size, len(documents)) from None
+    return buffer.getvalue(), settings
+
+
+def _explain_training_error(exc: RuntimeError, vocab_size: int, n_docs: int) -> ValueError:
+    message = str(exc)
+    if "Vocabulary size is smaller than required_chars" in message:
+        # "... required_chars. 200 vs 300." - 300 = 4 special + 256 byte + character pieces.
+        needed = message.rsplit(" vs ", 1)[-1].split(".")[0].strip()
+        return ValueError(
+            f"vocab size {vocab_size} is too small for this text: the tokenizer needs at least {needed} pieces "
+            "(4 special, 256 byte-fallback and one per character covering 99.9% of the text)"
+        )
+    if "Vocabulary size too high" in message:
+        # "... Please set it to a value <= 436." - BPE ran out of pairs to merge.
+        limit = message.rsplit("<=", 1)[-1].strip().rstrip(".")
+        return ValueError(
+            f"not enough text to learn {vocab_size} pieces: {n_docs} training documents allow at most "
+            f"{limit}; use more text (--tokenizer-train-docs) or a vocab size <= {limit}"
+        )
+    return ValueError(f"SentencePiece training failed: {message}")
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str | os.PathLike) -> Path:
+    """Train a SentencePiece BPE tokenizer with the challenge's settings.
+
+    Writes `model_path` and the matching `.vocab` listing next to it, and
+    returns `model_path`. Training is deterministic: the same documents and
+    vocab size give a byte-identical model. Every document is one training
+    sentence; empty ones are ignored.
+    """
+    docs = [d for d in documents if not _is_empty(d)]
+    model_bytes, _ = _train_model_bytes(docs, vocab_size)
+    model_path = Path(model_path)
+    sp = _load_tokenizer(model_bytes, str(model_path))
+    _check_tokenizer(sp, f"trained tokenizer {model_path}")
+    _atomic_write_bytes(model_path, model_bytes)
+    _atomic_write_bytes(model_path.with_suffix(".vocab"), _vocab_listing(sp))
+    return model_path
+
+
+# --- Demo corpus -------------------------------------------------------------
+
+# Standard-library modules that must not be imported for their docstrings:
+# they print (this), open a browser (antigravity), start GUIs or need a
+# display (tkinter, turtle, idlelib), grab the terminal (readline), write
+# cache files (lib2to3), are shadowed by third-party code (distutils under
+# setuptools) or are test suites.
+_DEMO_SKIP_MODULES = {
+    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "readline",
+    "rlcompleter", "lib2to3", "distutils", "ensurepip", "pydoc_data", "test", "venv",
+}
+_DEMO_SKIP_SUBPACKAGES = {"test", "tests", "encodings"}  # tests run code; codecs have no prose
+_DEMO_TIMEOUT_S = 120
+_COLLECT_FLAG = "--collect-stdlib-docstrings"
+
+
+def demo_documents() -> list[str]:
+    """Docstrings of the Python standard library, as a list of documents.
+
+    One document per module docstring, per public class (its docstring plus
+    those of its methods) and per public function, in sorted module order.
+    The modules are imported in a separate Python process so that whatever
+    they do on import (printing, registering handlers, ...) cannot affect the
+    caller. The result is deterministic for a given Python installation.
+    """
+    with tempfile.TemporaryDirectory(prefix="prepare_data-demo-") as tmp:
+        out = Path(tmp) / "docs.json"
+        cmd = [sys.executable, "-W", "ignore", str(Path(__file__).resolve()), _COLLECT_FLAG, str(out)]
+        try:
+            proc = subprocess.run(
+                cmd, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, timeout=_DEMO_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"collecting standard-library docstrings took over {_DEMO_TIMEOUT_S}s") from None
+        if proc.returncode != 0 or not out.exists():
+            tail = proc.stderr.decode("utf-8", "replace")[-2000:]
+            raise RuntimeError(f"collecting standard-library docstrings failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _stdlib_module_names() -> Iterator[str]:
+    """Importable public standard-library modules, sorted, subpackages included."""
+    import importlib
+    import pkgutil
+
+    def walk(name: str) -> Iterator[str]:
+        try:
+            module = importlib.import_module(name)
+        except (Exception, SystemExit):  # platform-specific or missing optional parts
+            return
+        yield name
+        if hasattr(module, "__path__") and name not in _DEMO_SKIP_SUBPACKAGES:
+            children = sorted(info.name for info in pkgutil.iter_modules(module.__path__, name + "."))
+            for child in children:
+                last = child.rsplit(".", 1)[-1]
+                if last.startswith("_") or last in _DEMO_SKIP_SUBPACKAGES:
+                    continue  # private modules, __main__ (runs code), test suites
+                yield from walk(child)
+
+    for name in sorted(sys.stdlib_module_names):
+        if not name.startswith("_") and name not in _DEMO_SKIP_MODULES:
+            yield from walk(name)
+
+
+def _collect_stdlib_docstrings() -> list[str]:
+    """Runs in the helper process started by `demo_documents`."""
+    import inspect
+    import warnings
+
+    warnings.simplefilter("ignore")
+    # Make sure "import x" finds the standard library, not a file next to this script.
+    script_dir = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if p not in ("", script_dir)]
+
+    seen_objects: set[int] = set()
+    seen_texts: set[str] = set()
+    documents: list[str] = []
+
+    def clean(obj) -> str | None:
+        doc = getattr(obj, "__doc__", None)
+        if not isinstance(doc, str):
+            return None
+        text = inspect.cleandoc(doc).strip()
+        # Identical docstrings (shared by many classes) would only teach repetition.
+        if not text or text in seen_texts:
+            return None
+        seen_texts.add(text)
+        return text
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        for module_name in _stdlib_module_names():
+            module = sys.modules[module_name]
+            text = clean(module)
+            if text:
+                documents.append(text)
+            namespace = vars(module)
+            for attr in sorted(namespace):
+                obj = namespace[attr]
+                if attr.startswith("_") or id(obj) in seen_objects:
+                    continue
+                if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+                    continue
+                owner = getattr(obj, "__module__", None) or ""
+                # Only objects defined in this module (or its private C helper):
+                # re-exports are picked up where they are defined.
+                if owner not in (module_name, "_" + module_name) and not owner.startswith(module_name + "."):
+                    continue
+                seen_objects.add(id(obj))
+                parts = [clean(obj)]
+                if inspect.isclass(obj):
+                    for member_name in sorted(vars(obj)):
+                        if member_name.startswith("_"):
+                            continue
+                        member = vars(obj)[member_name]
+                        if isinstance(member, (staticmethod, classmethod)):
+                            member = member.__func__
+                        if inspect.isroutine(member) or isinstance(member, property):
+                            parts.append(clean(member))
+                parts = [p for p in parts if p]
+                if parts:
+                    documents.append("\n\n".join(parts))
+    return documents
+
+
+# --- Preparing a data directory ----------------------------------------------
+
+
+class _ShardWriter:
+    """Accumulates one split's token stream and writes full shards as it goes."""
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int, rel_dir: str):
+        self.directory = directory
+        self.split = split
+        self.shard_tokens = shard_tokens
+        self.rel_dir = rel_dir
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[dict] = []
+        self.documents = 0
+        self.documents_without_tokens = 0
+        self.tokens = 0
+
+    def add_documents(self, encoded: list[list[int]]) -> None:
+        flat: list[int] = []
+        for ids in encoded:
+            flat.append(BOS_ID)
+            flat.extend(ids)
+            if not ids:
+                # e.g. only zero-width characters: the normalizer removes them all
+                self.documents_without_tokens += 1
+        self.documents += len(encoded)
+        self.tokens += len(flat)
+        self.pending.append(np.asarray(flat, dtype=np.uint16))
+        self.pending_tokens += len(flat)
+        if self.pending_tokens >= self.shard_tokens:
+            # Cut as many full shards as the stream holds; a document may end
+            # up split across two shards, as in the upstream data.
+            stream = np.concatenate(self.pending)
+            start = 0
+            while len(stream) - start >= self.shard_tokens:
+                self._write(stream[start : start + self.shard_tokens])
+                start += self.shard_tokens
+            rest = stream[start:].copy()  # a copy, so the big stream can be freed
+            self.pending = [rest]
+            self.pending_tokens = len(rest)
+
+    def close(self) -> None:
+        if self.pending_tokens:
+            self._write(np.concatenate(self.pending))
+        self.pending, self.pending_tokens = [], 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = f"fineweb_{self.split}_{len(self.shards):06d}.bin"
+        path = write_shard(self.directory / name, tokens)
+        self.shards.append({"file": f"{self.rel_dir}/{name}", "tokens": int(len(tokens)), "sha256": _sha256_file(path)})
+
+    def summary(self) -> dict:
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "documents_without_tokens": self.documents_without_tokens,
+            "shards": self.shards,
+        }
+
+
+def _check_positive(name: str, value: int, upper: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be at most {upper}, got {value}")
+
+
+def prepare(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    vocab_size: int | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    val_docs: int = DEFAULT_VAL_DOCS,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    tokenizer_train_docs: int = DEFAULT_TOKENIZER_TRAIN_DOCS,
+    quiet: bool = False,
+    *,
+    input_format: str = "auto",
+    overwrite: bool = False,
+) -> dict:
+    """Tokenize `inputs` into the challenge layout under `out_dir`; return the manifest.
+
+    `inputs`: JSONL files (".jsonl"/".ndjson", a "text" field a line) or plain-text
+    files (one document each); `input_format` ("auto", "jsonl", "text") overrides
+    the choice by extension. Give `vocab_size` to train a tokenizer on the first
+    `tokenizer_train_docs` training documents, or `tokenizer` to reuse a
+    SentencePiece model (then `vocab_size`, if given, must match it).
+    Refuses to replace an existing dataset directory unless `overwrite`.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    sources = [_InputFile(p, input_format) for p in inputs]
+    return _prepare_sources(
+        sources, out_dir, vocab_size=vocab_size, tokenizer=tokenizer, val_docs=val_docs,
+        shard_tokens=shard_tokens, tokenizer_train_docs=tokenizer_train_docs, quiet=quiet,
+        overwrite=overwrite,
+    )
+
+
+def _prepare_sources(
+    sources: list,
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int | None,
+    tokenizer: str | os.PathLike | None,
+    val_docs: int,
+    shard_tokens: int,
+    tokenizer_train_docs: int,
+    quiet: bool,
+    overwrite: bool,
+) -> dict:
+    # Check everything that can be checked before any work is done.
+    if not sources:
+        raise ValueError("no input files given")
+    if vocab_size is None and tokenizer is None:
+        raise ValueError("give a vocab size to train a tokenizer, or an existing tokenizer to reuse")
+    if vocab_size is not None:
+        _check_vocab_size(vocab_size)
+    _check_positive("val_docs", val_docs)
+    _check_positive("shard_tokens", shard_tokens, MAX_SHARD_TOKENS)
+    _check_positive("tokenizer_train_docs", tokenizer_train_docs)
+    for source in sources:
+        source.check()
+    tokenizer_bytes = None
+    if tokenizer is not None:
+        tokenizer = Path(tokenizer)
+        if not tokenizer.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {tokenizer}")
+        tokenizer_bytes = tokenizer.read_bytes()
+
+    out_dir = Path(out_dir)
+    created_out_dir = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The staging directory lives inside out_dir so the final moves are renames
+    # on one filesystem; it is removed whatever happens.
+    staging = Path(tempfile.mkdtemp(prefix=".prepare_data-", dir=out_dir))
+    try:
+        manifest = _build(
+            sources, out_dir, staging, vocab_size=vocab_size, tokenizer=tokenizer,
+            tokenizer_bytes=tokenizer_bytes, val_docs=val_docs, shard_tokens=shard_tokens,
+            tokenizer_train_docs=tokenizer_train_docs, quiet=quiet, overwrite=overwrite,
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_out_dir:
+            try:
+                out_dir.rmdir()  # only if it is still empty
+            except OSError:
+                pass
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _destinations(out_dir: Path, vocab: int) -> dict[str, Path]:
+    return {
+        "dataset": out_dir / "datasets" / f"fineweb10B_sp{vocab}",
+        "model": out_dir / "tokenizers" / f"fineweb_{vocab}_bpe.model",
+        "vocab": out_dir / "tokenizers" / f"fineweb_{vocab}_bpe.vocab",
+        "manifest": out_dir / "manifest.json",
+    }
+
+
+def _check_no_conflict(dest: dict[str, Path], model_bytes: bytes | None, overwrite: bool) -> None:
+    """Refuse to replace existing data unless asked to (model_bytes None: dataset only)."""
+    if overwrite:
+        return
+    if dest["dataset"].exists() and any(dest["dataset"].iterdir()):
+        raise ValueError(f"{dest['dataset']} already exists; pass --overwrite (overwrite=True) to replace it")
+    if model_bytes is not None and dest["model"].exists() and dest["model"].read_bytes() != model_bytes:
+        raise ValueError(
+            f"{dest['model']} already exists with a different tokenizer; pass --overwrite (overwrite=True) to replace it"
+        )
+
+
+def _build(
+    sources: list,
+    out_dir: Path,
+    staging: Path,
+    *,
+    vocab_size: int | None,
+    tokenizer: Path | None,
+    tokenizer_bytes: bytes | None,
+    val_docs: int,
+    shard_tokens: int,
+    tokenizer_train_docs: int,
+    quiet: bool,
+    overwrite: bool,
+) -> dict:
+    progress = _Progress(quiet)
+    if vocab_size is not None:
+        # Fail before the long work if the output is already taken.
+        _check_no_conflict(_destinations(out_dir, vocab_size), None, overwrite)
+
+    # 1. The tokenizer: reuse one, or train one on the first training documents.
+    if tokenizer_bytes is not None:
+        sp = _load_tokenizer(tokenizer_bytes, str(tokenizer))
+        _check_tokenizer(sp, str(tokenizer))
+        if vocab_size is not None and vocab_size != sp.vocab_size():
+            raise ValueError(
+                f"{tokenizer} has vocab size {sp.vocab_size()}, but vocab size {vocab_size} was asked for"
+            )
+        model_bytes = tokenizer_bytes
+        sibling_vocab = tokenizer.with_suffix(".vocab")
+        vocab_bytes = sibling_vocab.read_bytes() if sibling_vocab.is_file() else _vocab_listing(sp)
+        tokenizer_info = {"source": "reused", "reused_from": str(tokenizer)}
+    else:
+        train_docs: list[str] = []
+        seen = 0
+        # Only the first documents are needed: stop reading early, and close
+        # the generator so the input file is closed right away.
+        with contextlib.closing(_iter_documents(sources)) as documents:
+            for text in documents:
+                seen += 1
+                if seen <= val_docs:
+                    continue  # validation documents never influence the tokenizer
+                train_docs.append(text)
+                if len(train_docs) >= tokenizer_train_docs:
+                    break
+        if not train_docs:
+            raise _too_few_documents(seen, val_docs, sources)
+        n_bytes = sum(len(d.encode("utf-8")) for d in train_docs)
+        progress.note(
+            f"training a {vocab_size}-piece BPE tokenizer on {len(train_docs):,} documents ({n_bytes:,} bytes)"
+        )
+        t0 = time.monotonic()
+        model_bytes, settings = _train_model_bytes(train_docs, vocab_size)
+        sp = _load_tokenizer(model_bytes, "trained tokenizer")
+        _check_tokenizer(sp, "trained tokenizer")
+        vocab_bytes = _vocab_listing(sp)
+        progress.note(f"tokenizer trained in {time.monotonic() - t0:.1f}s")
+        tokenizer_info = {
+            "source": "trained",
+            "training": {
+                **settings,
+                "documents": len(train_docs),
+                "bytes": n_bytes,
+                "sentencepiece_version": spm.__version__,
+            },
+        }
+    vocab = sp.vocab_size()
+    dest = _destinations(out_dir, vocab)
+    _check_no_conflict(dest, model_bytes, overwrite)
+
+    rel_dataset = f"datasets/fineweb10B_sp{vocab}"
+    stage_dataset = staging / rel_dataset
+    stage_dataset.mkdir(parents=True)
+    (staging / "tokenizers").mkdir()
+    stage_model = staging / "tokenizers" / dest["model"].name
+    _atomic_write_bytes(stage_model, model_bytes)
+    _atomic_write_bytes(stage_model.with_suffix(".vocab"), vocab_bytes)
+
+    # 2. Encode every document, in order: the first val_docs go to val.
+    writers = {
+        split: _ShardWriter(stage_dataset, split, shard_tokens, rel_dataset) for split in ("val", "train")
+    }
+    input_stats = [{} for _ in sources]
+    batch: list[str] = []
+    batch_chars = 0
+    batch_split = "val"
+    seen = 0
+
+    def flush() -> None:
+        nonlocal batch, batch_chars
+        if batch:
+            encoded = sp.encode(
+                batch, out_type=int, add_bos=False, add_eos=False, enable_sampling=False,
+                num_threads=ENCODE_THREADS,
+            )
+            writers[batch_split].add_documents(encoded)
+            batch, batch_chars = [], 0
+            progress.update(seen, writers["val"].tokens + writers["train"].tokens)
+
+    for text in _iter_documents(sources, input_stats):
+        split = "val" if seen < val_docs else "train"
+        if split != batch_split:
+            flush()  # a batch never mixes splits
+            batch_split = split
+        seen += 1
+        batch.append(text)
+        batch_chars += len(text)
+        if len(batch) >= ENCODE_BATCH_DOCS or batch_chars >= ENCODE_BATCH_CHARS:
+            flush()
+    flush()
+    if seen <= val_docs:
+        raise _too_few_documents(seen, val_docs, sources)
+    for writer in writers.values():
+        writer.close()
+    progress.update(seen, writers["val"].tokens + writers["train"].tokens, force=True)
+    skipped = sum(s["empty_documents_skipped"] for s in input_stats)
+    if skipped:
+        progress.note(f"skipped {skipped:,} empty or whitespace-only documents")
+
+    # 3. The manifest, then move everything into place.
+    manifest = {
+        "format": {
+            "shard_header": f"{HEADER_WORDS} little-endian int32: magic {SHARD_MAGIC}, version {SHARD_VERSION}, n_tokens",
+            "token_dtype": "little-endian uint16",
+            "document": f"[BOS={BOS_ID}] + sentencepiece ids, no EOS",
+        },
+        "inputs": input_stats,
+        "tokenizer": {
+            "path": f"tokenizers/{dest['model'].name}",
+            "vocab_listing": f"tokenizers/{dest['vocab'].name}",
+            "sha256": _sha256_bytes(model_bytes),
+            "vocab_size": vocab,
+            **tokenizer_info,
+        },
+        "settings": {
+            "val_docs": val_docs,
+            "shard_tokens": shard_tokens,
+            "tokenizer_train_docs": tokenizer_train_docs,
+        },
+        "splits": {split: writer.summary() for split, writer in writers.items()},
+    }
+    stage_manifest = staging / "manifest.json"
+    _atomic_write_bytes(stage_manifest, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+
+    _check_no_conflict(dest, model_bytes, overwrite)  # again: something may have appeared meanwhile
+    dest["dataset"].parent.mkdir(parents=True, exist_ok=True)
+    dest["model"].parent.mkdir(parents=True, exist_ok=True)
+    if dest["dataset"].exists():
+        # Renaming a directory cannot replace a non-empty one: move the old one
+        # into the staging area, which is deleted afterwards.
+        os.rename(dest["dataset"], staging / "replaced-dataset")
+    os.rename(stage_dataset, dest["dataset"])
+    os.replace(stage_model, dest["model"])
+    os.replace(stage_model.with_suffix(".vocab"), dest["vocab"])
+    os.replace(stage_manifest, dest["manifest"])
+    return manifest
+
+
+# --- Command line ------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prepare_data.py",
+        description="Tokenize text into the challenge's shard layout (DATA_DIR/datasets, DATA_DIR/tokenizers).",
+        epilog="Example: python prepare_data.py docs.jsonl --out data --vocab-size 8192; "
+        "then: DATA_DIR=data VOCAB_SIZE=8192 python train_gpt.py",
+    )
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="JSONL files (a \"text\" field a line) or plain-text files (one document each)")
+    parser.add_argument("--demo", action="store_true",
+                        help="use the Python standard library's docstrings as the corpus")
+    parser.add_argument("--out", metavar="DATA_DIR",
+                        help=f"output data directory (required, except with --demo: default {DEMO_OUT_DIR})")
+    parser.add_argument("--vocab-size", type=int, metavar="V",
+                        help=f"train a tokenizer with V pieces (--demo default {DEMO_VOCAB_SIZE}); "
+                        "with --tokenizer it must match the model")
+    parser.add_argument("--tokenizer", metavar="PATH", help="reuse this SentencePiece .model instead of training")
+    parser.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS, metavar="N",
+                        help="the first N documents form the validation split (default %(default)s)")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                        help="at most N tokens per shard (default %(default)s)")
+    parser.add_argument("--tokenizer-train-docs", type=int, default=DEFAULT_TOKENIZER_TRAIN_DOCS, metavar="K",
+                        help="train the tokenizer on the first K training documents (default %(default)s)")
+    parser.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
+                        help="input format; auto: .jsonl/.ndjson are JSONL, anything else plain text")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    parser.add_argument(_COLLECT_FLAG, metavar="OUT_JSON", help=argparse.SUPPRESS)
+    return parser
+
+
+def _summary(manifest: dict, out_dir: Path, elapsed: float) -> str:
+    tok = manifest["tokenizer"]
+    vocab = tok["vocab_size"]
+    lines = []
+    for split, info in manifest["splits"].items():
+        size = sum((out_dir / s["file"]).stat().st_size for s in info["shards"])
+        lines.append(
+            f"  {split:5s}: {info['documents']:,} documents, {info['tokens']:,} tokens, "
+            f"{len(info['shards'])} shard(s), {size:,} bytes"
+        )
+    first = manifest["splits"]["train"]["shards"][0]["file"]
+    lines.insert(0, f"wrote {out_dir / first.rsplit('/', 1)[0]}")
+    lines.append(f"tokenizer ({tok['source']}, vocab {vocab}): {out_dir / tok['path']}")
+    lines.append(f"manifest: {out_dir / 'manifest.json'}")
+    skipped = sum(i["empty_documents_skipped"] for i in manifest["inputs"])
+    if skipped:
+        lines.append(f"skipped {skipped:,} empty documents")
+    lines.append(f"done in {elapsed:.1f}s; train on it with:")
+    lines.append(f"  DATA_DIR={shlex.quote(str(out_dir))} VOCAB_SIZE={vocab} python train_gpt.py")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    collect_into = getattr(args, _COLLECT_FLAG.lstrip("-").replace("-", "_"))
+    if collect_into:
+        # Internal: the helper process of demo_documents().
+        Path(collect_into).write_text(json.dumps(_collect_stdlib_docstrings(), ensure_ascii=False), encoding="utf-8")
+        return 0
+
+    if args.demo and args.inputs:
+        parser.error("--demo builds its own corpus; do not also give INPUT files")
+    if not args.demo and not args.inputs:
+        parser.error("give INPUT files (or --demo)")
+    if not args.demo and not args.out:
+        parser.error("--out DATA_DIR is required")
+    if not args.demo and args.vocab_size is None and args.tokenizer is None:
+        parser.error("give --vocab-size V to train a tokenizer, or --tokenizer PATH to reuse one")
+
+    out_dir = Path(args.out or DEMO_OUT_DIR)
+    vocab_size = args.vocab_size
+    t0 = time.monotonic()
+    try:
+        if args.demo:
+            if vocab_size is None and args.tokenizer is None:
+                vocab_size = DEMO_VOCAB_SIZE
+            if not args.quiet:
+                print("prepare_data: collecting standard-library docstrings for the demo corpus", file=sys.stderr)
+            docs = demo_documents()
+            label = f"<demo: docstrings of the Python {sys.version.split()[0]} standard library>"
+            sources = [_MemorySource(label, docs)]
+            if not args.quiet:
+                n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+                print(f"prepare_data: demo corpus: {len(docs):,} documents, {n_bytes:,} bytes", file=sys.stderr)
+        else:
+            sources = [_InputFile(p, args.format) for p in args.inputs]
+        manifest = _prepare_sources(
+            sources, out_dir, vocab_size=vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
+            shard_tokens=args.shard_tokens, tokenizer_train_docs=args.tokenizer_train_docs,
+            quiet=args.quiet, overwrite=args.overwrite,
+        )
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise SystemExit(f"prepare_data.py: error: {exc}") from None
+    print(_summary(manifest, out_dir, time.monotonic() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""End-to-end runs of train_gpt.py as a user runs it: a subprocess, environment variables,
+generated data. One full tiny run is shared by the tests of this module."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_log, run_script
+
+import train_gpt
+
+TRAIN_LINE = re.compile(r"^(\d+)/(\d+) train_loss: ([\d.]+) train_time: [\d.]+m tok/s: \d+$", re.M)
+VAL_LINE = re.compile(r"^(\d+)/(\d+) val_loss: ([\d.]+) val_bpb: ([\d.]+)$", re.M)
+FINAL = r"^{} val_loss:(\d+\.\d{{8}}) val_bpb:(\d+\.\d{{8}}) eval_time:\d+ms$"
+
+
+def train_losses(log: str) -> list[float]:
+    return [float(m.group(3)) for m in TRAIN_LINE.finditer(log)]
+
+
+def final(log: str, label: str) -> tuple[float, float]:
+    m = re.search(FINAL.format(re.escape(label)), log, re.M)
+    assert m, f"no '{label}' line in log"
+    return float(m.group(1)), float(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_data, tmp_path_factory):
+    """One tiny run through training, GPTQ, the artifact and all three evaluations."""
+    import conftest
+
+    cwd = tmp_path_factory.mktemp("full_run")
+    env = conftest.tiny_env.__wrapped__(tiny_data, cwd)
+    proc = run_script(env, cwd)
+    return {"cwd": cwd, "env": env, "log": read_log(cwd, env["RUN_ID"]), "stdout": proc.stdout}
+
+
+def test_tiny_run_learns_and_logs_every_line(full_run):
+    log = full_run["log"]
+    losses = train_losses(log)
+    assert len(losses) == 12
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert f"model_params:{sum(p.numel() for p in train_gpt.GPT(tiny_hparams(full_run['env'])).parameters())}" in log
+    assert len(VAL_LINE.findall(log)) == 3  # steps 0, 6 and 12
+    for label in ("pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"):
+        loss, bpb = final(log, label)
+        assert 0 < bpb < 10 and 0 < loss < 10
+    assert re.search(r"^Serialized model quantized\+lzma: \d+ bytes$", log, re.M)
+    assert re.search(r"^Total submission size quantized\+lzma: \d+ bytes$", log, re.M)
+    assert re.search(r"^code_sha256:[0-9a-f]{64}$", log, re.M)
+    assert "hparam:ITERATIONS=12" in log
+    assert (full_run["cwd"] / "final_model.pt").is_file()
+    assert Path(full_run["env"]["QUANTIZED_MODEL_PATH"]).is_file()
+
+
+def test_log_header_names_the_running_file(full_run):
+    code = (Path(train_gpt.__file__)).read_bytes()
+    assert f"code_bytes:{len(code)}\n" in full_run["log"]
+
+
+def tiny_hparams(env: dict) -> train_gpt.Hyperparameters:
+    keep = {k.lower(): v for k, v in env.items() if k.lower() in {n for n, _, _ in train_gpt.HPARAMS}}
+    types = {n: t for n, t, _ in train_gpt.HPARAMS}
+    return train_gpt.Hyperparameters(**{k: train_gpt._parse_env(k.upper(), types[k], v) for k, v in keep.items()})
+
+
+def test_same_seed_gives_identical_losses(full_run, tmp_path):
+    env = dict(full_run["env"], RUN_ID="again", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0",
+               QUANTIZED_MODEL_PATH=str(tmp_path / "again.ptz"))
+    run_script(env, tmp_path)
+    log = read_log(tmp_path, "again")
+    assert train_losses(log) == train_losses(full_run["log"])
+    assert VAL_LINE.findall(log) == VAL_LINE.findall(full_run["log"])
+    assert final(log, "pre-quantization post-ema") == final(full_run["log"], "pre-quantization post-ema")
+    assert final(log, "quantized") == final(full_run["log"], "quantized")
+
+
+def test_init_state_reproduces_the_saving_runs_start(full_run, tmp_path):
+    """A state dict saved from the same seeded construction, loaded by a run with another
+    SEED, gives the first training loss of the run that made it."""
+    env = full_run["env"]
+    torch.manual_seed(int(env["SEED"]))
+    model = train_gpt.GPT(tiny_hparams(env))
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    run_env = dict(env, RUN_ID="init", SEED="99", INIT_STATE=str(tmp_path / "init.pt"), ITERATIONS="1",
+                   VAL_LOSS_EVERY="0", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0",
+                   QUANTIZED_MODEL_PATH=str(tmp_path / "init.ptz"))
+    run_script(run_env, tmp_path)
+    assert train_losses(read_log(tmp_path, "init"))[0] == train_losses(full_run["log"])[0]
+
+
+def test_init_state_continues_from_a_checkpoint(full_run, tmp_path):
+    """final_model.pt loaded with ITERATIONS=0 scores exactly what the saving run scored."""
+    env = dict(full_run["env"], RUN_ID="resume", ITERATIONS="0", INIT_STATE=str(full_run["cwd"] / "final_model.pt"),
+               SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", QUANTIZED_MODEL_PATH=str(tmp_path / "resume.ptz"))
+    run_script(env, tmp_path)
+    log = read_log(tmp_path, "resume")
+    assert final(log, "pre-quantization post-ema") == final(full_run["log"], "pre-quantization post-ema")
+
+
+def test_nan_loss_stops_with_a_clear_message(full_run, tmp_path):
+    env = dict(full_run["env"], RUN_ID="nan", TIED_EMBED_LR="nan", VAL_LOSS_EVERY="0")
+    proc = run_script(env, tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "FloatingPointError: training loss is nan at step" in proc.stderr
+
+
+def test_missing_tokenizer_is_named(tmp_path):
+    h = train_gpt.Hyperparameters(data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=re.escape(h.tokenizer_path)):
+        train_gpt.load_tokenizer(h)
+
+
+def test_torchrun_two_ranks_agree(full_run, tmp_path):
+    env = dict(full_run["env"], RUN_ID="ddp", ITERATIONS="4", VAL_LOSS_EVERY="0", SLIDING_WINDOW_ENABLED="0",
+               TTT_ENABLED="0", QUANTIZED_MODEL_PATH=str(tmp_path / "ddp.ptz"), OMP_NUM_THREADS="1")
+    run_script(env, tmp_path, nproc=2)
+    log = read_log(tmp_path, "ddp")
+    assert "world_size:2" in log
+    m = re.search(r"^weights_checksum:([0-9a-f]+) ranks:([0-9a-f,]+) ranks_agree:1$", log, re.M)
+    assert m, "ranks disagree or no checksum line"
+    assert m.group(2) == f"{m.group(1)},{m.group(1)}"
+    assert len(train_losses(log)) == 4
+    final(log, "quantized")
