@@ -157,11 +157,12 @@ class Hyperparameters:
             setattr(self, name, value)
         if overrides:
             raise TypeError(f"unknown Hyperparameters: {sorted(overrides)}")
-        # torchrun's variables decide the process layout; they are not knobs.
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # torchrun's variables decide the process layout; they are not knobs. A stray WORLD_SIZE
+        # without RANK is ignored rather than splitting work across ranks that do not exist.
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ["RANK"]) if self.distributed else 0
+        self.world_size = int(os.environ["WORLD_SIZE"]) if self.distributed else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not self.run_id:
             self.run_id = str(uuid.uuid4())
         if not self.data_path:
