@@ -1260,10 +1260,10 @@ def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtim
     model.eval()
     for b in range(0, len(windows), h.eval_batch_seqs):
         batch = windows[b: b + h.eval_batch_seqs]
-        width = max(end - start for start, _, end in batch)
-        rows = len(batch)
-        if rt.compile:
-            rows, width = h.eval_batch_seqs, max(width, h.eval_seq_len)
+        # Always EVAL_SEQ_LEN wide: above TRAIN_SEQ_LEN the rotary base stretches with the width, so
+        # a narrower batch would score its windows differently. Compiled, the rows are fixed too.
+        width = h.eval_seq_len
+        rows = h.eval_batch_seqs if rt.compile else len(batch)
         x = torch.zeros(rows, width, dtype=torch.int64)
         y = torch.zeros_like(x)
         mask = torch.zeros_like(x, dtype=torch.bool)

@@ -314,6 +314,17 @@ def test_sliding_with_stride_equal_to_seq_len_is_plain(n_tokens, rt):
     assert rel(s_loss, p_loss) < 1e-12 and rel(s_bpb, p_bpb) < 1e-12
 
 
+def test_long_eval_context_scores_do_not_depend_on_batching(rt):
+    """Above TRAIN_SEQ_LEN the rotary base stretches with the sequence width; every window must be
+    scored at the same width, whatever else shares its batch (the short tail windows included)."""
+    h1 = make_h(train_seq_len=32, eval_seq_len=64, eval_stride=16, eval_batch_seqs=1, ttt_chunk_tokens=320)
+    h8 = make_h(train_seq_len=32, eval_seq_len=64, eval_stride=16, eval_batch_seqs=8, ttt_chunk_tokens=320)
+    tokens, luts, model = make_stream(301, seed=5), fake_luts(), build_model(h1)
+    alone = train_gpt.evaluate_sliding(h1, rt, model, tokens, luts)[:2]
+    batched = train_gpt.evaluate_sliding(h8, rt, model, tokens, luts)[:2]
+    assert rel(alone[0], batched[0]) < 1e-6 and rel(alone[1], batched[1]) < 1e-6
+
+
 @pytest.mark.parametrize("stride", [1, 16])
 def test_sliding_matches_brute_force_per_token(stride, rt, monkeypatch):
     """Each target's NLL equals a forward pass over exactly its own context (stride 1: the last
