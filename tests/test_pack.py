@@ -149,11 +149,16 @@ def test_packed_imports_as_module(packed_script):
 def test_packed_runs_under_torchrun(packed_script, tmp_path):
     _, out = packed_script
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # Each rank's stdout goes to its own file: two ranks sharing one pipe interleave mid-line.
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                           "--log-dir", str(tmp_path / "ranks"), "--redirects", "1", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("name __main__") == 2
-    assert proc.stdout.count(f"file {out.resolve()}") == 2
+    outputs = [p.read_text() for p in sorted((tmp_path / "ranks").rglob("stdout.log"))]
+    assert len(outputs) == 2
+    for text in outputs:
+        assert "name __main__" in text.splitlines()
+        assert f"file {out.resolve()}" in text.splitlines()
 
 
 def test_packing_is_deterministic(packed_script, tmp_path):
