@@ -880,7 +880,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", metavar="NAME", help="build records/<date>_<NAME>/ from --logs")
     ap.add_argument("--summary", nargs="+", metavar="LOG", help="write only a submission.json from these logs")
     ap.add_argument("--out-json", default="submission.json", help="--summary's output (default submission.json)")
-    ap.add_argument("--baseline-bpb", type=float, default=1.07882, help="val_bpb to beat (default 1.07882)")
+    ap.add_argument("--baseline-bpb", type=lambda v: None if v.lower() == "none" else float(v), default=1.07882,
+                    help="val_bpb to beat (default 1.07882, the record); 'none' for logs of another data set")
     ap.add_argument("--baseline-loss", type=float, help="val_loss to beat, in nats (else converted from bpb)")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--out-dir", default="records")

@@ -505,3 +505,14 @@ def test_packed_training_matches_readable(tiny, tmp_path):
     s = json.loads((folder / "submission.json").read_text())
     assert s["bytes_code"] == len(data) and s["hardware"].startswith("device:cpu")
     assert (folder / "train_gpt.py").read_bytes() == data
+
+
+
+def test_baseline_none_skips_the_significance_test(record_setup, tmp_path):
+    """Logs of another data set (a CPU benchmark) cannot be tested against the record's bpb."""
+    *_, logs = record_setup
+    out = tmp_path / "s.json"
+    assert pack.main(["--summary", *map(str, logs), "--out-json", str(out), "--baseline-bpb", "none"]) == 0
+    sig = json.loads(out.read_text())["significance"]
+    assert sig["note"] == "no baseline given"
+    assert "t_test" not in sig and "baseline_bpb" not in sig

@@ -126,3 +126,23 @@ def test_torchrun_two_ranks_agree(full_run, tmp_path):
     assert m.group(2) == f"{m.group(1)},{m.group(1)}"
     assert len(train_losses(log)) == 4
     final(log, "quantized")
+
+
+def test_demo_data_trains(tmp_path):
+    """prepare_data.py --demo writes data train_gpt.py accepts as it is: the README's main job."""
+    import subprocess
+    import sys
+
+    import conftest
+
+    subprocess.run([sys.executable, str(conftest.ROOT / "prepare_data.py"), "--demo", "--vocab-size", "512",
+                    "--out", str(tmp_path / "demo"), "--quiet"], check=True, capture_output=True, timeout=120)
+    env = dict(conftest.TINY_MODEL, VOCAB_SIZE="512", DATA_DIR=str(tmp_path / "demo"), RUN_ID="demo",
+               ITERATIONS="3", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1", TRAIN_SEQ_LEN="128",
+               EVAL_SEQ_LEN="128", WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0",
+               GPTQ_CALIBRATION_BATCHES="2", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0",
+               QUANTIZED_MODEL_PATH=str(tmp_path / "demo.ptz"))
+    run_script(env, tmp_path)
+    log = read_log(tmp_path, "demo")
+    assert len(train_losses(log)) == 3
+    final(log, "quantized")
