@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prepare_data import write_shard  # noqa: E402  (the shard writer users run)
+
 TINY_VOCAB = 384
 WORDS = ("the a an of to in and is was for on with as by at from that this it be are not or have "
          "model token byte window chunk layer weight matrix scale loss train value shard gradient "
@@ -50,15 +52,6 @@ def train_sentencepiece(docs: list[str], vocab_size: int, model_path: Path) -> P
         normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, character_coverage=0.999,
         num_threads=1, minloglevel=2)
     return model_path
-
-
-def write_shard(path: Path, tokens) -> None:
-    tokens = np.asarray(tokens, dtype="<u2")
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (20240520, 1, tokens.size)
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.tobytes())
 
 
 @pytest.fixture(scope="session")
