@@ -874,7 +874,10 @@ class Trainer:
         self.model.load_state_dict(model_state)
         for opt, s in zip(self.optimizers, opt_states):
             opt.load_state_dict(s)
-        self.model.zero_grad(set_to_none=True)
+        # As the record: only the optimizers clear their gradients, so bigram.embed carries the
+        # warm-up's stray gradient into the first clip norms of the timed run.
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         self.ema = {k: v.detach().float().clone() for k, v in self.model.state_dict().items()}
 
 

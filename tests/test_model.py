@@ -748,3 +748,22 @@ def test_grad_clip_quirk_bigram_embed_stays_zero_and_accumulates():
         assert others == []  # every optimized parameter's gradient was cleared
     # After two steps the gradient holds both steps' contributions, not only the last one.
     assert rel_err(carried, coef * fresh) > 0.05
+
+
+def test_warm_up_restores_state_but_keeps_the_stray_bigram_gradient():
+    # The record restores weights and optimizer state after warm-up and clears gradients through
+    # its optimizers only, so bigram.embed enters the timed run with the warm-up's gradient.
+    torch.manual_seed(23)
+    h = tiny_h(warmup_steps=3)
+    model = tg.GPT(h)
+    trainer = tg.Trainer(h, fake_runtime(h), model, tg.Logger(None))
+    before = copy.deepcopy(model.state_dict())
+    data = FixedLoader(h.vocab_size, h.train_seq_len, seed=24)
+    tg.warm_up(h, trainer, data)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not o.state for o in trainer.optimizers)  # momentum buffers back to empty
+    assert model.looping_active is False
+    emb = model.bigram.embed.weight
+    assert emb.grad is not None and emb.grad.abs().max() > 0
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["bigram.embed.weight"]
