@@ -239,6 +239,21 @@ def _is_empty(text: str) -> bool:
     return not text.strip()
 
 
+def _skip_empty(texts: Iterator[str], stats: dict | None, describe) -> Iterator[str]:
+    """Yield the non-empty texts; when exhausted, fill `stats` with describe() and the counts.
+
+    describe is called only at the end because a source's sha256 is known only then."""
+    read = skipped = 0
+    for text in texts:
+        read += 1
+        if _is_empty(text):
+            skipped += 1
+        else:
+            yield text
+    if stats is not None:
+        stats.update(describe(), documents_read=read, empty_documents_skipped=skipped)
+
+
 class _Progress:
     """Prints a progress line to stderr at most every PROGRESS_INTERVAL_S seconds."""
 
@@ -287,40 +302,27 @@ class _InputFile:
     def documents(self, stats: dict | None = None) -> Iterator[str]:
         """Yield the file's non-empty documents; fill `stats` when the file is exhausted."""
         digest = hashlib.sha256()
-        read = skipped = 0
+        yield from _skip_empty(
+            self._texts(digest), stats,
+            lambda: dict(path=self.name, format=self.format, sha256=digest.hexdigest()),
+        )
+
+    def _texts(self, digest) -> Iterator[str]:
         if self.format == "text":
             data = self.path.read_bytes()
             digest.update(data)
             try:
                 # utf-8-sig: editors sometimes prepend a byte-order mark, which is not text.
-                text = data.decode("utf-8-sig")
+                yield data.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{self.path}: not valid UTF-8 at byte {exc.start}") from None
-            read += 1
-            if _is_empty(text):
-                skipped += 1
-            else:
-                yield text
-        else:
-            with open(self.path, "rb") as fh:
-                for lineno, raw in enumerate(fh, start=1):
-                    digest.update(raw)
-                    text = self._parse_line(raw, lineno)
-                    if text is None:
-                        continue
-                    read += 1
-                    if _is_empty(text):
-                        skipped += 1
-                    else:
-                        yield text
-        if stats is not None:
-            stats.update(
-                path=self.name,
-                format=self.format,
-                sha256=digest.hexdigest(),
-                documents_read=read,
-                empty_documents_skipped=skipped,
-            )
+            return
+        with open(self.path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                digest.update(raw)
+                text = self._parse_line(raw, lineno)
+                if text is not None:
+                    yield text
 
     def _parse_line(self, raw: bytes, lineno: int) -> str | None:
         where = f"{self.path}: line {lineno}"
@@ -356,23 +358,17 @@ class _MemorySource:
 
     def documents(self, stats: dict | None = None) -> Iterator[str]:
         digest = hashlib.sha256()
-        skipped = 0
+        yield from _skip_empty(
+            self._texts(digest), stats,
+            lambda: dict(path=self.name, format="jsonl (in memory)", sha256=digest.hexdigest()),
+        )
+
+    def _texts(self, digest) -> Iterator[str]:
         for text in self.texts:
             # Hash the documents as they would look in a JSONL file, so the
             # recorded sha256 can be reproduced by writing them out.
             digest.update((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
-            if _is_empty(text):
-                skipped += 1
-            else:
-                yield text
-        if stats is not None:
-            stats.update(
-                path=self.name,
-                format="jsonl (in memory)",
-                sha256=digest.hexdigest(),
-                documents_read=len(self.texts),
-                empty_documents_skipped=skipped,
-            )
+            yield text
 
 
 def _iter_documents(sources: list, stats: list[dict] | None = None) -> Iterator[str]:
