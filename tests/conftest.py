@@ -54,6 +54,17 @@ def train_sentencepiece(docs: list[str], vocab_size: int, model_path: Path) -> P
     return model_path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """DATA_DIR with a trained tokenizer, one val shard and three train shards."""

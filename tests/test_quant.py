@@ -61,13 +61,7 @@ def spec_table(num_layers: int) -> dict[str, str]:
     return table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 HP_TYPES = {name: typ for name, typ, _ in train_gpt.HPARAMS}
