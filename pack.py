@@ -91,11 +91,13 @@ MINIFY_FLAGS = dict(
 def minify_options() -> dict:
     import python_minifier
 
-    # Variable, argument and return annotations go (~-390 B); class-body annotations stay because
-    # they *are* the fields of dataclasses and NamedTuples.
+    # Variable annotations go. Argument and return annotations stay: Triton reads `tl.constexpr`
+    # from a kernel's arguments, and torch.library.custom_op builds an op's schema from both
+    # (keeping them costs ~440 B). Class-body annotations stay because they *are* the fields of
+    # dataclasses and NamedTuples.
     annotations = python_minifier.RemoveAnnotationsOptions(
-        remove_variable_annotations=True, remove_return_annotations=True,
-        remove_argument_annotations=True, remove_class_attribute_annotations=False)
+        remove_variable_annotations=True, remove_return_annotations=False,
+        remove_argument_annotations=False, remove_class_attribute_annotations=False)
     return dict(MINIFY_FLAGS, remove_annotations=annotations)
 
 
@@ -108,10 +110,19 @@ def minifier_version() -> str:
         return "unknown"
 
 
+def constexpr_arguments(source: str) -> list[str]:
+    """Triton kernel arguments annotated `tl.constexpr`. They keep their names: renamed, the
+    minifier would alias them to a shorter local (`E=ROWS`), and Triton's interpreter does not
+    carry compile-time constancy through such an assignment."""
+    return sorted({a.arg for a in ast.walk(ast.parse(source)) if isinstance(a, ast.arg)
+                   and a.annotation is not None and "constexpr" in ast.unparse(a.annotation)})
+
+
 def minify_source(source: str, filename: str = "train_gpt.py", **overrides) -> str:
     import python_minifier
 
-    return python_minifier.minify(source, filename=filename, **{**minify_options(), **overrides})
+    options = {**minify_options(), "preserve_locals": constexpr_arguments(source), **overrides}
+    return python_minifier.minify(source, filename=filename, **options)
 
 
 def _scope_bindings(body: list[ast.stmt]) -> set[str]:
