@@ -52,6 +52,8 @@ HPARAMS = (
     ("eval_only", bool, False),
     ("quantized_model_path", str, "final_model.int6.ptz"),
     ("compile", bool, None),  # default: on for CUDA, off for CPU
+    ("fused_ce", bool, False),  # Triton soft-capped cross-entropy (KERNELS)
+    ("fused_mlp", bool, False),  # Triton LeakyReLU(0.5)^2 MLP activation (KERNELS)
     # model
     ("vocab_size", int, 8192),
     ("num_layers", int, 11),
@@ -174,6 +176,8 @@ class Hyperparameters:
         if self.grad_accum_steps == 0 and 8 % self.world_size == 0:
             self.grad_accum_steps = 8 // self.world_size
         self.validate()
+        if self.fused_ce or self.fused_mlp:
+            load_kernels(self)  # a missing Triton stops here, before any work
 
     @property
     def head_dim(self) -> int:
@@ -250,6 +254,7 @@ class Runtime:
             dist.init_process_group(backend="nccl" if self.is_cuda else "gloo", device_id=self.device if self.is_cuda else None)
         self.distributed = h.distributed
         self.compile = self.is_cuda if h.compile is None else h.compile
+        check_kernel_device(h, self.is_cuda)
         if self.is_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -430,6 +435,211 @@ class ShuffledSequenceLoader:
 
 
 # -----------------------------------------------------------------------------
+# KERNELS
+# Two optional Triton kernels, each behind a switch that is off by default (the record's PyTorch
+# math runs unless FUSED_CE=1 / FUSED_MLP=1):
+# - soft-capped cross-entropy: streams the head's raw logits in blocks over the vocabulary,
+#   soft-caps them in registers and keeps a running log-sum-exp, so the capped logits and their
+#   fp32 copy are never written. Backward recomputes each block from the same logits and the
+#   saved per-token log-sum-exp, and writes the logits' gradient in their own dtype.
+# - LeakyReLU(0.5)^2: one read and one write instead of leaky_relu then square (two tensors
+#   written, one more saved for backward); backward recomputes from the MLP's pre-activation.
+# Both compute in fp32 whatever their input dtype and round once on store. Each is a torch custom
+# op with a shape-only fake implementation and an autograd formula, so torch.compile(fullgraph=True)
+# traces it as one opaque node. Triton is imported only when a switch is on. On CPU, Triton's
+# interpreter (TRITON_INTERPRET=1, set before the first kernel is built) runs the same kernels on
+# CPU tensors: that is how the tests prove them exact without a GPU.
+# -----------------------------------------------------------------------------
+
+# Tiles (rows x vocabulary columns for the loss, elements for the activation). On a GPU one row
+# per program streams the vocabulary; the interpreter pays per program, so it takes many rows.
+CE_TILES = {"cuda": (1, 1024), "cpu": (128, 128)}
+ACT_BLOCK = {"cuda": 1024, "cpu": 16384}
+KERNELS_LOADED = False
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_kernels(h: Hyperparameters) -> None:
+    """Build the Triton kernels and register them as torch ops (once per process)."""
+    global KERNELS_LOADED, tl, tl_tanh
+    if KERNELS_LOADED:
+        return
+    switches = " and ".join(name for name, on in (("FUSED_CE=1", h.fused_ce), ("FUSED_MLP=1", h.fused_mlp)) if on)
+    # Kernels find each other and `tl` through the module's globals: the interpreter runs a
+    # kernel's source against its __globals__ alone, without the closure of this function.
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        raise RuntimeError(f"{switches} needs Triton, which is not installed: pip install triton "
+                           f"(or leave {switches.replace('=1', '=0')})") from None
+
+    @triton.jit
+    def tl_tanh(x):
+        # tl has no tanh; this form cannot overflow: exp's argument is never positive.
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, n_rows, vocab, softcap,
+                          ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        base = rows.to(tl.int64) * vocab
+        # Online log-sum-exp: m is the running max, s the sum of exp(c - m) so far. Only columns past
+        # the vocabulary are -inf (padded rows compute on zeros and store nothing), so every block
+        # has a finite max and no exp(-inf - -inf) = nan appears.
+        m = tl.full((ROWS,), float("-inf"), tl.float32)
+        s = tl.zeros((ROWS,), tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            ok = row_ok[:, None] & (cols < vocab)[None, :]
+            z = tl.load(z_ptr + base[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            c = tl.where((cols < vocab)[None, :], softcap * tl_tanh(z / softcap), float("-inf"))
+            m_new = tl.maximum(m, tl.max(c, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(c - m_new[:, None]), axis=1)
+            m = m_new
+        lse = m + tl.log(s)
+        y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+        zy = tl.load(z_ptr + base + y, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(loss_ptr + rows, lse - softcap * tl_tanh(zy / softcap), mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def ce_backward_kernel(z_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, n_rows, vocab, softcap,
+                           ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        base = rows.to(tl.int64) * vocab
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            ok = row_ok[:, None] & (cols < vocab)[None, :]
+            z = tl.load(z_ptr + base[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            t = tl_tanh(z / softcap)
+            # d loss / d c = softmax(c) - onehot(y); d c / d z = 1 - tanh^2.
+            p = tl.exp(softcap * t - lse[:, None])
+            d = p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+            dz = g[:, None] * d * (1.0 - t * t)
+            tl.store(dz_ptr + base[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def act_forward_kernel(u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        u = tl.load(u_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        a = tl.where(u > 0, u, 0.5 * u)
+        tl.store(out_ptr + i, (a * a).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def act_backward_kernel(u_ptr, g_ptr, du_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        u = tl.load(u_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        # d/du leaky(u)^2 = 2 leaky(u) leaky'(u): 2u above zero, 2 (u/2) (1/2) = u/2 below.
+        tl.store(du_ptr + i, (g * tl.where(u > 0, 2.0 * u, 0.5 * u)).to(du_ptr.dtype.element_ty), mask=ok)
+
+    def tiles(t: Tensor, table: dict):
+        return table["cuda" if t.is_cuda else "cpu"]
+
+    # Custom ops see whatever layout autograd hands them (the mean's gradient is a stride-0
+    # expand), so each makes its inputs contiguous before the kernel indexes them flat.
+    @torch.library.custom_op("train_gpt::softcap_ce", mutates_args=())
+    def softcap_ce(z: Tensor, y: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+        z, y = z.contiguous(), y.contiguous()
+        losses = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
+        lse = torch.empty_like(losses)
+        rows, block_v = tiles(z, CE_TILES)
+        ce_forward_kernel[(triton.cdiv(z.size(0), rows),)](
+            z, y, losses, lse, z.size(0), z.size(1), softcap, ROWS=rows, BLOCK_V=block_v)
+        return losses, lse
+
+    @softcap_ce.register_fake
+    def _(z, y, softcap):
+        return z.new_empty(z.size(0), dtype=torch.float32), z.new_empty(z.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op("train_gpt::softcap_ce_backward", mutates_args=())
+    def softcap_ce_backward(z: Tensor, y: Tensor, lse: Tensor, grad: Tensor, softcap: float) -> Tensor:
+        z, y, grad = z.contiguous(), y.contiguous(), grad.contiguous()
+        dz = torch.empty_like(z)
+        rows, block_v = tiles(z, CE_TILES)
+        ce_backward_kernel[(triton.cdiv(z.size(0), rows),)](
+            z, y, lse, grad, dz, z.size(0), z.size(1), softcap, ROWS=rows, BLOCK_V=block_v)
+        return dz
+
+    @softcap_ce_backward.register_fake
+    def _(z, y, lse, grad, softcap):
+        return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+    def ce_setup(ctx, inputs, output):
+        z, y, ctx.softcap = inputs
+        ctx.save_for_backward(z, y, output[1])
+
+    def ce_backward(ctx, grad_losses, grad_lse):
+        z, y, lse = ctx.saved_tensors
+        return softcap_ce_backward(z, y, lse, grad_losses.float(), ctx.softcap), None, None
+
+    softcap_ce.register_autograd(ce_backward, setup_context=ce_setup)
+
+    @torch.library.custom_op("train_gpt::leaky_relu_sq", mutates_args=())
+    def leaky_relu_sq(u: Tensor) -> Tensor:
+        u = u.contiguous()
+        out = torch.empty_like(u)
+        block = tiles(u, ACT_BLOCK)
+        act_forward_kernel[(triton.cdiv(u.numel(), block),)](u, out, u.numel(), BLOCK=block)
+        return out
+
+    @leaky_relu_sq.register_fake
+    def _(u):
+        return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+    @torch.library.custom_op("train_gpt::leaky_relu_sq_backward", mutates_args=())
+    def leaky_relu_sq_backward(u: Tensor, grad: Tensor) -> Tensor:
+        u, grad = u.contiguous(), grad.contiguous()
+        du = torch.empty_like(u)
+        block = tiles(u, ACT_BLOCK)
+        act_backward_kernel[(triton.cdiv(u.numel(), block),)](u, grad, du, u.numel(), BLOCK=block)
+        return du
+
+    @leaky_relu_sq_backward.register_fake
+    def _(u, grad):
+        return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+    def act_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def act_backward(ctx, grad):
+        return leaky_relu_sq_backward(ctx.saved_tensors[0], grad)
+
+    leaky_relu_sq.register_autograd(act_backward, setup_context=act_setup)
+    KERNELS_LOADED = True
+
+
+def check_kernel_device(h: Hyperparameters, is_cuda: bool) -> None:
+    if (h.fused_ce or h.fused_mlp) and not is_cuda and not triton_interpreting():
+        raise RuntimeError(f"FUSED_CE={int(h.fused_ce)} FUSED_MLP={int(h.fused_mlp)} on CPU run Triton's "
+                           "interpreter: set TRITON_INTERPRET=1 in the environment (or turn the switches off)")
+
+
+def fused_softcap_cross_entropy(z: Tensor, targets: Tensor, softcap: float) -> Tensor:
+    """Per-token CE(softcap * tanh(z / softcap), targets) in fp32; z (N, V) are the raw logits."""
+    return torch.ops.train_gpt.softcap_ce(z, targets, softcap)[0]
+
+
+def fused_leaky_relu_sq(u: Tensor) -> Tensor:
+    """leaky_relu(u, 0.5) ** 2 in u's dtype, computed in fp32."""
+    return torch.ops.train_gpt.leaky_relu_sq(u)
+
+
+
+# -----------------------------------------------------------------------------
 # MODEL
 # 11 layers x 512 wide, GQA 8/4 heads, 4x leaky-ReLU^2 MLP, depth recurrence over layers
 # 3-5, U-Net skips, parallel residual blocks from layer 7, XSA, gated attention output,
@@ -535,8 +745,11 @@ class MLP(nn.Module):
         hidden = int(h.mlp_mult * h.model_dim)
         self.fc = CastedLinear(h.model_dim, hidden)
         self.proj = CastedLinear(hidden, h.model_dim, zero_init=True)
+        self.fused = h.fused_mlp
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return self.proj(fused_leaky_relu_sq(self.fc(x)))
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
 
 
@@ -656,16 +869,20 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0, cos, sin)
         return rms_norm(x)
 
-    def forward_logits(self, ids: Tensor) -> Tensor:
+    def forward_logits(self, ids: Tensor, capped: bool = True) -> Tensor:
         x = self.forward_hidden(ids)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        return self.softcap * torch.tanh(logits / self.softcap)
+        return self.softcap * torch.tanh(logits / self.softcap) if capped else logits
 
     def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         """Mean NLL in nats, or per-token NLL (fp32, shape of targets) with reduction='none'.
         Training, evaluation and TTT all call this one function."""
-        logits = self.forward_logits(ids).float()
-        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        if self.h.fused_ce:  # soft-cap and CE in one kernel: no capped or fp32 logits are written
+            logits = self.forward_logits(ids, capped=False)
+            losses = fused_softcap_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.softcap).view_as(targets)
+        else:
+            logits = self.forward_logits(ids).float()
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         return losses.mean() if reduction == "mean" else losses
 
 
