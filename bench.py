@@ -10,6 +10,11 @@
   python bench.py compress ARTIFACT
       Blob bytes of an artifact's quantized tensors with brotli vs lzma, with and without the
       byte shuffle.
+  python bench.py kernels [--rows N] [--steps S] [--out logs/kernels_ab.json]
+      CUDA only. A/B of the Triton kernels (FUSED_CE, FUSED_MLP) against the PyTorch math, eager
+      and compiled: time and peak memory of the loss and of the MLP alone (forward + backward on
+      one micro-batch), then S timed training steps of the full config on random tokens with each
+      switch off/on. On a machine without CUDA it says so and exits 2.
 """
 
 from __future__ import annotations
@@ -178,6 +183,151 @@ def run_compress(args) -> int:
     return 0
 
 
+def timed(fn, device, iters: int) -> tuple[float, int | None]:
+    """Median milliseconds of fn() after two warm-up calls, and its peak extra memory (CUDA: bytes
+    above what was allocated before; CPU: None)."""
+    import statistics
+
+    import torch
+
+    is_cuda = device.type == "cuda"
+    for _ in range(2):
+        fn()
+    if is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        if is_cuda:
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated() - base if is_cuda else None
+    return statistics.median(times), peak
+
+
+def kernel_isolation(h, device, rows: int, iters: int, compile_modes=(False, True)) -> list[dict]:
+    """The loss (raw logits -> per-token CE -> mean -> backward) and the MLP (forward + backward)
+    on `rows` tokens of one micro-batch, PyTorch math vs the kernels, eager and compiled."""
+    import torch
+    import torch.nn.functional as F
+
+    import train_gpt as tg
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    z = (torch.randn(rows, h.vocab_size, device=device, generator=gen) * 10).to(dtype).requires_grad_()
+    y = torch.randint(0, h.vocab_size, (rows,), device=device, generator=gen)
+    x = torch.randn(rows, h.model_dim, device=device, generator=gen).to(dtype).requires_grad_()
+
+    def loss_math(z, y):
+        return F.cross_entropy((h.logit_softcap * torch.tanh(z / h.logit_softcap)).float(), y)
+
+    def loss_fused(z, y):
+        return tg.fused_softcap_cross_entropy(z, y, h.logit_softcap).mean()
+
+    mlps = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        mlps[fused] = tg.MLP(tg.Hyperparameters(**{**vars_of(h), "fused_mlp": fused})).to(device)
+    results = []
+    for compiled in compile_modes:
+        wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compiled else (lambda f: f)
+        for name, fn in (("loss math", wrap(loss_math)), ("loss FUSED_CE", wrap(loss_fused))):
+            def step(fn=fn):
+                z.grad = None
+                fn(z, y).backward()
+            ms, peak = timed(step, device, iters)
+            results.append({"part": name, "compiled": compiled, "ms": round(ms, 3), "peak_extra_bytes": peak})
+        for fused, mlp in mlps.items():
+            fn = wrap(mlp)
+
+            def step(fn=fn, mlp=mlp):
+                mlp.zero_grad(set_to_none=True)
+                x.grad = None
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = fn(x)
+                out.float().square().mean().backward()
+            ms, peak = timed(step, device, iters)
+            results.append({"part": "mlp FUSED_MLP" if fused else "mlp math", "compiled": compiled,
+                            "ms": round(ms, 3), "peak_extra_bytes": peak})
+    return results
+
+
+def vars_of(h) -> dict:
+    """The settings of a Hyperparameters, as keyword overrides for another one."""
+    import train_gpt as tg
+
+    return {name: getattr(h, name) for name, _, _ in tg.HPARAMS}
+
+
+def full_config_steps(overrides: dict, steps: int) -> dict:
+    """`steps` timed training steps (after 2 untimed) of the full config on random tokens, with the
+    record's step (grad accumulation, clipping, Muon/AdamW, compile on CUDA)."""
+    import torch
+
+    import train_gpt as tg
+
+    torch._dynamo.reset()
+    h = tg.Hyperparameters(**overrides)
+    rt = tg.Runtime(h)
+    torch.manual_seed(0)
+    model = tg.build_model(h, rt.device, rt.is_cuda)
+    trainer = tg.Trainer(h, rt, model, tg.Logger(None))
+
+    class RandomLoader:  # the loader's interface: speed does not depend on the token values
+        def next_batch(self, rows):
+            x = torch.randint(0, h.vocab_size, (rows, h.train_seq_len))
+            return x, torch.roll(x, -1, 1)
+
+    loader = RandomLoader()
+    losses = [trainer.step(loader, s, 1.0).item() for s in range(2)]
+    if rt.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for s in range(steps):
+        losses.append(trainer.step(loader, 2 + s, 1.0).item())
+    ms = 1000 * (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() if rt.is_cuda else None
+    return {"fused_ce": h.fused_ce, "fused_mlp": h.fused_mlp, "step_ms": round(ms, 1), "peak_bytes": peak,
+            "losses": [round(v, 4) for v in losses]}
+
+
+def run_kernels(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"bench.py kernels needs a CUDA GPU and this machine has none (torch {torch.__version__}). "
+              "The kernels are proven exact on CPU by tests/test_kernels.py (Triton's interpreter); "
+              "their speed and memory can only be measured on a GPU.", file=sys.stderr)
+        return 2
+    import train_gpt as tg
+
+    h = tg.Hyperparameters(fused_ce=True, fused_mlp=True)
+    rt = tg.Runtime(h)
+    result = {
+        "command": "python bench.py kernels " + " ".join(sys.argv[2:]),
+        "hardware": f"{torch.cuda.get_device_name(rt.device)}, torch {torch.__version__}",
+        "git_commit": git_commit(),
+        "isolation_rows": args.rows,
+        "isolation": kernel_isolation(h, rt.device, args.rows, iters=20),
+        "full_config": [full_config_steps({"fused_ce": ce, "fused_mlp": mlp}, args.steps)
+                        for ce, mlp in ((False, False), (True, False), (False, True), (True, True))],
+    }
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for r in result["isolation"]:
+        print(f"{r['part']:14s} compiled={int(r['compiled'])} {r['ms']:8.3f} ms  peak +{r['peak_extra_bytes'] / 2**20:8.1f} MiB")
+    for r in result["full_config"]:
+        print(f"full config FUSED_CE={int(r['fused_ce'])} FUSED_MLP={int(r['fused_mlp'])}: "
+              f"{r['step_ms']} ms/step, peak {r['peak_bytes'] / 2**20:.0f} MiB, last loss {r['losses'][-1]}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -194,8 +344,12 @@ def main(argv=None) -> int:
     g.add_argument("--seq-len", type=int, default=2048)
     c = sub.add_parser("compress", help="compare compressors on an artifact")
     c.add_argument("artifact")
+    k = sub.add_parser("kernels", help="CUDA: A/B of the Triton kernels (loss and MLP alone, full-config steps)")
+    k.add_argument("--rows", type=int, default=48 * 2048, help="tokens in the isolated loss/MLP (one micro-batch)")
+    k.add_argument("--steps", type=int, default=10)
+    k.add_argument("--out", default="logs/kernels_ab.json")
     args = ap.parse_args(argv)
-    return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress}[args.cmd](args)
+    return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress, "kernels": run_kernels}[args.cmd](args)
 
 
 if __name__ == "__main__":

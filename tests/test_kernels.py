@@ -324,3 +324,19 @@ def test_packed_script_keeps_the_kernels_working(tmp_path):
     proc = subprocess.run([sys.executable, "-c", PACKED_CHECK, str(packed)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "packed kernels ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_bench_kernel_ab_runs_end_to_end(capsys):
+    """bench.py kernels is for a GPU; its parts run here on tiny shapes (eager, interpreter), so
+    what a GPU session runs has been executed. Without CUDA the command refuses clearly."""
+    import bench
+
+    h = tg.Hyperparameters(**TINY, fused_ce=True, fused_mlp=True)
+    rows = bench.kernel_isolation(h, torch.device("cpu"), rows=96, iters=1, compile_modes=(False,))
+    assert [r["part"] for r in rows] == ["loss math", "loss FUSED_CE", "mlp math", "mlp FUSED_MLP"]
+    assert all(r["ms"] > 0 for r in rows)
+    off, on = (bench.full_config_steps({**TINY, "fused_ce": f, "fused_mlp": f}, steps=1) for f in (False, True))
+    assert on["losses"] == pytest.approx(off["losses"], rel=1e-5)
+    if not torch.cuda.is_available():
+        assert bench.main(["kernels"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
