@@ -91,10 +91,9 @@ MINIFY_FLAGS = dict(
 def minify_options() -> dict:
     import python_minifier
 
-    # Variable annotations go. Argument and return annotations stay: Triton reads `tl.constexpr`
-    # from a kernel's arguments, and torch.library.custom_op builds an op's schema from both
-    # (keeping them costs ~440 B). Class-body annotations stay because they *are* the fields of
-    # dataclasses and NamedTuples.
+    # Variable annotations go; argument and return annotations go too, but before the minifier
+    # sees the source (strip_annotations), because some must stay. Class-body annotations stay
+    # because they *are* the fields of dataclasses and NamedTuples.
     annotations = python_minifier.RemoveAnnotationsOptions(
         remove_variable_annotations=True, remove_return_annotations=False,
         remove_argument_annotations=False, remove_class_attribute_annotations=False)
@@ -110,6 +109,34 @@ def minifier_version() -> str:
         return "unknown"
 
 
+# Decorators that read their function's annotations when the program runs: Triton's `jit`
+# (`tl.constexpr` marks a kernel's compile-time arguments) and torch.library's `custom_op` (the
+# op's schema is built from them).
+ANNOTATION_READERS = ("jit", "custom_op")
+
+
+def _decorator_name(node: ast.expr) -> str:
+    node = node.func if isinstance(node, ast.Call) else node
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+
+def strip_annotations(source: str) -> str:
+    """The source without argument and return annotations (~-450 B packed), except on functions
+    an ANNOTATION_READERS decorator reads: python-minifier can only remove all of them or none."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if any(_decorator_name(d) in ANNOTATION_READERS for d in node.decorator_list):
+            continue
+        node.returns = None
+        a = node.args
+        for arg in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg]:
+            if arg is not None:
+                arg.annotation = None
+    return ast.unparse(tree)
+
+
 def constexpr_arguments(source: str) -> list[str]:
     """Triton kernel arguments annotated `tl.constexpr`. They keep their names: renamed, the
     minifier would alias them to a shorter local (`E=ROWS`), and Triton's interpreter does not
@@ -122,7 +149,7 @@ def minify_source(source: str, filename: str = "train_gpt.py", **overrides) -> s
     import python_minifier
 
     options = {**minify_options(), "preserve_locals": constexpr_arguments(source), **overrides}
-    return python_minifier.minify(source, filename=filename, **options)
+    return python_minifier.minify(strip_annotations(source), filename=filename, **options)
 
 
 def _scope_bindings(body: list[ast.stmt]) -> set[str]:

@@ -340,3 +340,23 @@ def test_bench_kernel_ab_runs_end_to_end(capsys):
     if not torch.cuda.is_available():
         assert bench.main(["kernels"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_packer_keeps_only_the_annotations_that_are_read():
+    """The packer drops argument and return annotations except where a decorator reads them
+    (Triton's jit, torch.library.custom_op); it keeps tl.constexpr arguments' names."""
+    import pack
+
+    src = (
+        "import triton\nimport triton.language as tl\nimport torch\n"
+        "def plain(width: int, *, scale: float = 2.0) -> float:\n    return width * scale\n"
+        "def load():\n"
+        "    @triton.jit\n    def kernel(x_ptr, n, BLOCK_SIZE: tl.constexpr):\n"
+        "        offsets = tl.arange(0, BLOCK_SIZE) + BLOCK_SIZE * tl.program_id(0) + BLOCK_SIZE\n"
+        "    @torch.library.custom_op('ns::op', mutates_args=())\n"
+        "    def op(tensor_in: torch.Tensor, factor: float) -> torch.Tensor:\n        return tensor_in * factor\n"
+    )
+    minified = pack.minify_source(src)
+    assert "def plain(width,*,scale=2.):" in minified
+    assert "BLOCK_SIZE:tl.constexpr" in minified and "tl.arange(0,BLOCK_SIZE)" in minified
+    assert "tensor_in:torch.Tensor,factor:float)->torch.Tensor" in minified
