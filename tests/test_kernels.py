@@ -15,10 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-# The interpreter is chosen when a kernel is built (the first load_kernels() of the process), so
-# it must be in the environment before any test builds one.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,7 +49,7 @@ def clean_env(monkeypatch):
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    assert os.environ.get("TRITON_INTERPRET") == "1", "the kernels must be built for the interpreter"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets it: the kernels must be built for the interpreter"
     tg.Hyperparameters(**TINY, fused_ce=True, fused_mlp=True)
     assert tg.KERNELS_LOADED
 
