@@ -52,6 +52,96 @@ def git_commit() -> str | None:
         return None
 
 
+class CudaAutocastEmulation:
+    """Runs ordinary CPU (or meta) tensors with every op's output dtype set by PyTorch's real CUDA
+    bf16 autocast rules, so a CPU-only build shows the activation dtypes of the GPU run.
+
+    Each torch call is first replayed on fake CUDA tensors of the same shapes and dtypes under CUDA
+    autocast (switched on by hand: torch.autocast("cuda") refuses without a device); the floating
+    inputs are then cast to the dtype that replay returned, which is what autocast's casting
+    policies do, and the call runs for real. Calls a CPU-only build cannot fake on CUDA (indexed
+    assignment, for one) keep their CPU behaviour and are listed in `unprobed`.
+    """
+
+    def __init__(self):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        emulation = self
+        self.cache: dict = {}
+        self.unprobed: set[str] = set()
+        self.probed: dict[str, set] = {}
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return emulation.call(func, args, kwargs or {})
+
+        self.mode = Mode()
+        self.torch = torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.fake_mode = FakeTensorMode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    @staticmethod
+    def func_name(func) -> str:
+        return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+    def cuda_dtype(self, func, args, kwargs):
+        """Output dtype of func on fake CUDA tensors under CUDA bf16 autocast, or None."""
+        torch = self.torch
+        import torch.utils._pytree as pytree
+
+        leaves = pytree.tree_leaves((args, kwargs))
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        if not any(t.is_floating_point() for t in tensors):
+            return None
+        key = (func, tuple((t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in leaves))
+        if key in self.cache:
+            return self.cache[key]
+        dtype = None
+        try:
+            with self.fake_mode:
+                fake_args, fake_kwargs = pytree.tree_map(
+                    lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
+                    if isinstance(t, torch.Tensor) else t, (args, kwargs))
+                torch.set_autocast_enabled("cuda", True)
+                torch.set_autocast_dtype("cuda", torch.bfloat16)
+                torch.autocast_increment_nesting()
+                try:
+                    out = func(*fake_args, **fake_kwargs)
+                finally:
+                    torch.autocast_decrement_nesting()
+                    torch.set_autocast_enabled("cuda", False)
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                dtype = out.dtype
+                self.probed.setdefault(self.func_name(func), set()).add(dtype)
+        except Exception:  # an op this build cannot fake on CUDA: keep its CPU behaviour, say so
+            self.unprobed.add(self.func_name(func))
+        self.cache[key] = dtype
+        return dtype
+
+    def call(self, func, args, kwargs):
+        torch = self.torch
+        import torch.utils._pytree as pytree
+
+        name = self.func_name(func).rsplit(".", 1)[-1]
+        if name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__setitem__":
+            return func(*args, **kwargs)  # in place: a cast copy would take the write, so leave it alone
+        dtype = self.cuda_dtype(func, args, kwargs)
+        if dtype is not None:
+            args, kwargs = pytree.tree_map(
+                lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
+                else t, (args, kwargs))
+        return func(*args, **kwargs)
+
+
 def run_benchmark(args) -> int:
     import pack
 

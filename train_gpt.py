@@ -453,7 +453,9 @@ def enable_flash_attention() -> bool:
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    # Since torch 2.12 CUDA autocast runs rms_norm in fp32 and returns fp32; the record (torch 2.9.1)
+    # got its input dtype back, and FA3 needs q, k and v in one dtype: cast back.
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 class CastedLinear(nn.Linear):
@@ -485,7 +487,7 @@ def apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); query head h reads KV head h // (H/Hkv)."""
-    if FLASH_ATTN_FUNC is not None and q.is_cuda:
+    if FLASH_ATTN_FUNC is not None:  # set on CUDA only, when flash_attn_interface imports
         out = FLASH_ATTN_FUNC(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
