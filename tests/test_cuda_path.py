@@ -3,12 +3,19 @@
 - Activation dtypes: every torch call of the model is replayed on fake CUDA tensors under PyTorch's
   real CUDA bf16 autocast rules (bench.CudaAutocastEmulation) and run on CPU with the dtype those
   rules give, with a FlashAttention-3 stand-in that refuses what FA3 refuses.
+- The record's GPU setup: optimize_ddp off, Newton-Schulz compiled, bf16 inv_freq, one gradient
+  all-reduce per TTT step, scoring without host syncs.
+- torch.compile (aot_eager backend, bf16 CPU autocast): no graph breaks, the intended graph count.
+The two-process checks (DDP under compile, rank 0's Hessians) are in test_cuda_dist.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -46,6 +53,19 @@ def clean_env(monkeypatch):
 
 def make_h(**overrides) -> tg.Hyperparameters:
     return tg.Hyperparameters(**{**TINY, **overrides})
+
+
+def stub_runtime(h, **overrides):
+    rt = dict(h=h, rank=0, world_size=1, is_main=True, device=torch.device("cpu"), is_cuda=False,
+              distributed=False, compile=False, autocast=contextlib.nullcontext, synchronize=lambda: None,
+              barrier=lambda: None, all_reduce=lambda t, op=None: t)
+    rt.update(overrides)
+    return types.SimpleNamespace(**rt)
+
+
+def fake_luts(vocab: int = V):
+    ids = torch.arange(vocab)
+    return (torch.where(ids < 4, 0, 1 + ids % 3).to(torch.int16), (ids % 2 == 0) & (ids >= 4), ids < 4)
 
 
 class FA3StandIn:
@@ -171,3 +191,126 @@ def test_cuda_rules_reached_through_fake_tensors(cuda_dtype_run):
     assert probed["linear"] == {torch.bfloat16}
     for name in ("normalize", "TensorBase.square", "cross_entropy"):
         assert probed[name] == {torch.float32}, name
+
+
+# -----------------------------------------------------------------------------------------
+# RoPE frequencies
+# -----------------------------------------------------------------------------------------
+
+
+def angles(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return torch.atan2(sin.double(), cos.double())[0, :, 0, :]
+
+
+def test_rope_rotates_with_bf16_inv_freq_on_cuda_only():
+    rope_dims, base, T = 16, 10000.0, 2048
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims)
+    want = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq.bfloat16().float())
+    cos, sin = tg.rotary_cos_sin(T, rope_dims, base, T, "cpu", torch.float32, bf16_inv_freq=True)
+    assert torch.equal(cos[0, :, 0], want.cos()) and torch.equal(sin[0, :, 0], want.sin())
+    cos32, sin32 = tg.rotary_cos_sin(T, rope_dims, base, T, "cpu", torch.float32)
+    diff = (angles(cos, sin) - angles(cos32, sin32)).abs()
+    diff = torch.minimum(diff, 2 * math.pi - diff)
+    assert 0.3 < diff.max() < 0.4  # the record's rotation at distance 2047 is up to 0.36 rad off fp32
+    # A stretched base (T > TRAIN_SEQ_LEN) is computed afresh in fp32 by the record: no rounding.
+    long = tg.rotary_cos_sin(T, rope_dims, base, T // 2, "cpu", torch.float32, bf16_inv_freq=True)
+    assert all(torch.equal(a, b) for a, b in zip(long, tg.rotary_cos_sin(T, rope_dims, base, T // 2, "cpu", torch.float32)))
+
+
+@pytest.mark.parametrize("is_cuda", [False, True])
+def test_model_rounds_inv_freq_exactly_when_built_for_cuda(monkeypatch, is_cuda):
+    h = make_h()
+    model = tg.build_model(h, torch.device("cpu"), is_cuda=is_cuda)
+    seen = []
+    real = tg.rotary_cos_sin
+    monkeypatch.setattr(tg, "rotary_cos_sin", lambda *a, **k: seen.append(a[-1] if len(a) > 6 else k.get("bf16_inv_freq", False)) or real(*a, **k))
+    with torch.no_grad():
+        model.forward_hidden(torch.zeros(1, 8, dtype=torch.long))
+    assert seen == [is_cuda]
+
+
+# -----------------------------------------------------------------------------------------
+# the record's GPU setup
+# -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_runtime_turns_optimize_ddp_off_when_compiling(monkeypatch, compile_):
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    tg.Runtime(make_h(compile=compile_))
+    assert torch._dynamo.config.optimize_ddp is (not compile_)
+
+
+def test_newton_schulz_compiled_on_cuda_eager_fp32_on_cpu(monkeypatch):
+    compiled = []
+
+    def fake_compile(fn=None, **kwargs):
+        compiled.append((fn, kwargs))
+        return functools.partial(fn)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    h = make_h()
+    model = tg.GPT(h)
+    muon = tg.build_optimizers(model, h, is_cuda=False, compile=True)[-1]
+    assert muon.orthogonalize is tg.zeropower_via_newtonschulz5 and not compiled
+    # The CUDA build (fused AdamW, compiled Newton-Schulz) on CPU parameters: only the choice is checked.
+    muon = tg.build_optimizers(model, h, is_cuda=True, compile=True)[-1]
+    assert compiled == [(tg.zeropower_via_newtonschulz5, {})]  # the record's plain torch.compile(fn)
+    assert isinstance(muon.orthogonalize, functools.partial) and muon.orthogonalize.func is tg.zeropower_via_newtonschulz5
+    assert tg.build_optimizers(model, h, is_cuda=True, compile=False)[-1].orthogonalize is tg.zeropower_via_newtonschulz5
+    # The CPU path is fp32 whatever the gradient's dtype.
+    assert tg.zeropower_via_newtonschulz5(torch.randn(8, 16, dtype=torch.bfloat16), 2).dtype == torch.float32
+
+
+def test_scoring_has_no_data_dependent_shapes():
+    """Run under FakeTensorMode, where an op whose output size depends on the data (nll[mask]) or
+    a host read (.item()) raises: each would be a device-to-host sync per batch on a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    h = make_h()
+    rt = stub_runtime(h, compile=True)  # padded batches, as compiled
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    model.looping_active = True
+    tokens = torch.randint(4, V, (5 * h.eval_seq_len + 1,))
+    windows = tg.make_windows(tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
+    real = tg.score_windows(model, tokens, windows, h, rt, fake_luts())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = tg.score_windows(model, tokens, windows, h, rt, fake_luts())
+    assert fake.shape == real.shape == (3,)
+    # And the masked sums count what the boolean indexing counted.
+    assert real[1].item() == tokens.numel() - 1
+
+
+def test_ttt_averages_gradients_in_one_all_reduce_per_step_and_dtype():
+    """A per-parameter all-reduce is ~100 collectives per step in the full model. A stub process
+    group of two identical ranks counts the calls; the averaged gradients must come back unchanged."""
+    calls = []
+
+    def all_reduce(t, op=None):
+        calls.append((t.dtype, t.numel()))
+        return t.mul_(2)  # two ranks holding the same gradient
+
+    for is_cuda, n_dtypes in ((False, 1), (True, 2)):
+        h = make_h(ttt_epochs=2)
+        torch.manual_seed(0)
+        model = tg.build_model(h, torch.device("cpu"), is_cuda=is_cuda)
+        model.looping_active = True
+        rt = stub_runtime(h, distributed=True, all_reduce=all_reduce)
+        tokens = torch.randint(4, V, (3 * h.ttt_chunk_tokens + 1,))
+        calls.clear()
+        tg.evaluate_ttt(h, rt, model, tokens, fake_luts())
+        n_params = sum(p.numel() for p in model.parameters())
+        steps = 2 * h.ttt_epochs  # two trained chunks (the last is never trained on)
+        grads = [c for c in calls if c[1] != 3]  # the 3-value sums of summarize()
+        assert len(grads) == steps * n_dtypes, calls
+        assert sum(n for _, n in grads) == steps * n_params
+
+    # Sum-then-divide over two equal ranks returns each gradient exactly.
+    h = make_h()
+    model = tg.build_model(h, torch.device("cpu"), is_cuda=True)
+    model(torch.randint(0, V, (2, 16)), torch.randint(0, V, (2, 16))).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    tg.average_gradients(list(model.parameters()), stub_runtime(h, distributed=True, world_size=2, all_reduce=all_reduce))
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == before[n].dtype and torch.equal(p.grad, before[n]), n
