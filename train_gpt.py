@@ -52,6 +52,7 @@ HPARAMS = (
     ("eval_only", bool, False),
     ("quantized_model_path", str, "final_model.int6.ptz"),
     ("compile", bool, None),  # default: on for CUDA, off for CPU
+    ("gptq_hessian_all_ranks", bool, False),  # 1: average every rank's Hessians (the record: rank 0's alone)
     # model
     ("vocab_size", int, 8192),
     ("num_layers", int, 11),
@@ -1017,9 +1018,11 @@ def quant_category(name: str, t: Tensor) -> str:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, rows: int, rt: Runtime) -> dict:
+def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, rows: int, rt: Runtime,
+                     all_ranks: bool = False) -> dict:
     """H = sum(X^T X) / n for the input X of every GPTQ matrix, and of the final-norm output
-    for the tied embedding, over TRAINING batches only. A looped layer accumulates every pass."""
+    for the tied embedding, over TRAINING batches only. A looped layer accumulates every pass.
+    all_ranks: sum X^T X and n over the ranks (every rank must call it); else this rank's own."""
     hessians, counts, hooks = {}, {}, []
 
     def accumulate(key: str, x: Tensor) -> None:
@@ -1043,11 +1046,11 @@ def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, r
     finally:
         for hook in hooks:
             hook.remove()
-    # Every rank calibrated on its own batches: average so all ranks quantize identically.
     for key in sorted(hessians):
-        H = rt.all_reduce(hessians[key])
-        n = torch.tensor(float(counts[key]), device=H.device)
-        hessians[key] = (H / rt.all_reduce(n)).cpu()
+        H, n = hessians[key], torch.tensor(float(counts[key]), device=hessians[key].device)
+        if all_ranks:
+            H, n = rt.all_reduce(H), rt.all_reduce(n)
+        hessians[key] = (H / n).cpu()
     return hessians
 
 
@@ -1455,8 +1458,13 @@ def quantize_and_save(h, rt, model, log, code_bytes: int) -> int:
     """GPTQ-calibrate on training batches, write the artifact atomically; returns total bytes."""
     t0 = time.perf_counter()
     model.looping_active = h.num_loops > 0
-    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
-    hessians = collect_hessians(model, loader, h.gptq_calibration_batches, h.micro_batch_seqs, rt)
+    # The record quantizes from rank 0's own batches (its loader, no all-reduce): the other ranks
+    # have nothing to calibrate unless GPTQ_HESSIAN_ALL_RANKS=1 averages everyone's.
+    hessians = {}
+    if rt.is_main or h.gptq_hessian_all_ranks:
+        loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
+        hessians = collect_hessians(model, loader, h.gptq_calibration_batches, h.micro_batch_seqs, rt,
+                                    all_ranks=h.gptq_hessian_all_ranks)
     log(f"gptq:collected {len(hessians)} hessians from {h.gptq_calibration_batches} training batches "
         f"in {1000 * (time.perf_counter() - t0):.0f}ms")
     blob_bytes = 0
