@@ -1415,7 +1415,7 @@ def evaluate_ttt(h, rt, model, val_tokens, luts, log=None, trace=None):
 
 
 def maybe_compile(model: GPT, rt: Runtime):
-    return torch.compile(model, dynamic=False) if rt.compile else model
+    return torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
 
 
 def run_evaluations(h, rt, val_tokens, luts, log) -> None:
