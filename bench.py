@@ -71,6 +71,7 @@ class CudaAutocastEmulation:
         self.cache: dict = {}
         self.unprobed: set[str] = set()
         self.probed: dict[str, set] = {}
+        self.parameter_casts: set[int] = set()  # storages of dtype casts of parameters (bf16 weight copies)
 
         class Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -132,14 +133,129 @@ class CudaAutocastEmulation:
         import torch.utils._pytree as pytree
 
         name = self.func_name(func).rsplit(".", 1)[-1]
+        first = args[0] if args else None
         if name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__setitem__":
             return func(*args, **kwargs)  # in place: a cast copy would take the write, so leave it alone
         dtype = self.cuda_dtype(func, args, kwargs)
         if dtype is not None:
-            args, kwargs = pytree.tree_map(
-                lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
-                else t, (args, kwargs))
-        return func(*args, **kwargs)
+            args, kwargs = pytree.tree_map(lambda t: self.cast(t, dtype), (args, kwargs))
+        out = func(*args, **kwargs)
+        if name == "to" and isinstance(first, torch.nn.Parameter) and out.dtype != first.dtype:
+            self.parameter_casts.add(out.untyped_storage()._cdata)
+        return out
+
+    def cast(self, t, dtype):
+        if not isinstance(t, self.torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
+            return t
+        out = t.to(dtype)
+        if isinstance(t, self.torch.nn.Parameter):
+            self.parameter_casts.add(out.untyped_storage()._cdata)
+        return out
+
+
+RECORD_PEAK_GIB = 39.5  # the record's measured peak memory per GPU (8xH100 training log)
+
+
+def saved_activations(h, rows: int) -> dict:
+    """Bytes autograd keeps for the backward of one training micro-batch of `rows` sequences, the
+    model as built for CUDA (bf16 embeddings) under emulated CUDA bf16 autocast, looping on,
+    attention through a stand-in that keeps what FlashAttention-3's backward keeps (q, k, v, out
+    and the fp32 log-sum-exp). Meta tensors: shapes and dtypes only, no memory, no compute.
+    This is eager PyTorch's bookkeeping; torch.compile may recompute or fuse some of it away."""
+    import torch
+
+    import train_gpt as tg
+
+    class FlashAttention3Saves(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            if not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
+                raise RuntimeError(f"FA3 would refuse q/k/v dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, _, _ = ctx.saved_tensors
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    with torch.device("meta"):
+        model = tg.build_model(h, torch.device("meta"), is_cuda=True)
+    model.looping_active = True
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, tuple[int, torch.dtype]] = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in param_storages:  # a tensor saved twice, or a view of one, counts once
+            saved[key] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    ids = torch.zeros(rows, h.train_seq_len, dtype=torch.long, device="meta")
+    old = tg.FLASH_ATTN_FUNC
+    tg.FLASH_ATTN_FUNC = lambda q, k, v, causal: FlashAttention3Saves.apply(q, k, v)
+    try:
+        with CudaAutocastEmulation() as emulation, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, ids)
+    finally:
+        tg.FLASH_ATTN_FUNC = old
+    if loss.dtype != torch.float32:
+        raise RuntimeError(f"loss dtype {loss.dtype}")
+    weight_copies = sum(saved.pop(k)[0] for k in list(saved) if k in emulation.parameter_casts)
+    by_dtype: dict[str, int] = {}
+    for nbytes, dtype in saved.values():
+        by_dtype[str(dtype).replace("torch.", "")] = by_dtype.get(str(dtype).replace("torch.", ""), 0) + nbytes
+    params = {str(dt).replace("torch.", ""): sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype == dt)
+              for dt in {p.dtype for p in model.parameters()}}
+    return dict(saved_bytes=sum(n for n, _ in saved.values()), saved_tensors=len(saved), saved_by_dtype=by_dtype,
+                saved_weight_copy_bytes=weight_copies,
+                parameter_bytes=params, unprobed_ops=sorted(emulation.unprobed))
+
+
+def run_memory(args) -> int:
+    import torch
+
+    import train_gpt as tg
+
+    h = tg.Hyperparameters(train_seq_len=args.seq_len, compile=False)
+    t0 = time.perf_counter()
+    est = saved_activations(h, args.rows)
+    gib = est["saved_bytes"] / 2**30
+    # Static per GPU: fp32 master weights (bf16 embeddings), their gradients, AdamW's two moments
+    # for the token and control groups, Muon's momentum for the matrices, the fp32 EMA copy.
+    p32 = est["parameter_bytes"].get("float32", 0)
+    pbf = est["parameter_bytes"].get("bfloat16", 0)
+    model = None
+    with torch.device("meta"):
+        model = tg.build_model(h, torch.device("meta"), is_cuda=True)
+    matrix, scalar, token = tg.split_params(model, h)
+    adam_bytes = sum(2 * p.numel() * p.element_size() for p in scalar + token)
+    muon_bytes = sum(p.numel() * p.element_size() for p in matrix)
+    ema_bytes = sum(4 * p.numel() for p in model.parameters())
+    static = 2 * (p32 + pbf) + adam_bytes + muon_bytes + ema_bytes
+    result = {
+        "command": "python bench.py memory" + (f" --rows {args.rows}" if args.rows != 48 else "")
+                   + (f" --seq-len {args.seq_len}" if args.seq_len != 2048 else ""),
+        "torch": torch.__version__,
+        "micro_batch": f"{args.rows} x {h.train_seq_len} tokens per rank, looping on",
+        "saved_activation_bytes": est["saved_bytes"], "saved_activation_gib": round(gib, 2),
+        "saved_tensors": est["saved_tensors"],
+        "saved_gib_by_dtype": {k: round(v / 2**30, 2) for k, v in sorted(est["saved_by_dtype"].items())},
+        # bf16 copies of the fp32 linear weights, one per use (looped layers three times), that eager
+        # autocast keeps for the backward; not counted above, compile may recompute them instead.
+        "saved_weight_copies_gib": round(est["saved_weight_copy_bytes"] / 2**30, 2),
+        "static_gib": round(static / 2**30, 2),
+        "static_parts_mib": {"weights": round((p32 + pbf) / 2**20), "gradients": round((p32 + pbf) / 2**20),
+                             "adamw_moments": round(adam_bytes / 2**20), "muon_momentum": round(muon_bytes / 2**20),
+                             "ema": round(ema_bytes / 2**20)},
+        "record_peak_gib_per_gpu": RECORD_PEAK_GIB,
+        "unprobed_ops": est["unprobed_ops"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def run_benchmark(args) -> int:
@@ -284,8 +400,11 @@ def main(argv=None) -> int:
     g.add_argument("--seq-len", type=int, default=2048)
     c = sub.add_parser("compress", help="compare compressors on an artifact")
     c.add_argument("artifact")
+    mem = sub.add_parser("memory", help="saved activations of one full-config micro-batch under the CUDA dtype policy")
+    mem.add_argument("--rows", type=int, default=48, help="sequences per micro-batch (the record: 48 per rank)")
+    mem.add_argument("--seq-len", type=int, default=2048)
     args = ap.parse_args(argv)
-    return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress}[args.cmd](args)
+    return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress, "memory": run_memory}[args.cmd](args)
 
 
 if __name__ == "__main__":
