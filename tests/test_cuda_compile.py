@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import bench  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 V = 384
@@ -115,3 +116,22 @@ def test_compiled_newton_schulz_stays_within_the_recompile_limit(graphs):
         assert torch.allclose(compiled(G, 5), tg.zeropower_via_newtonschulz5(G, 5), atol=1e-5), shape
     assert graph_breaks() == {}
     assert 1 <= len(graphs) <= torch._dynamo.config.recompile_limit, graphs
+
+
+def test_gpu_check_refuses_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU.*Nothing was run"):
+        bench.main(["gpu-check", "--out-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_logic_on_cpu(graphs):
+    """bench.py gpu-check's checks, run on CPU with a tiny model (fp32 there, no compiled
+    Newton-Schulz): every check passes and the figures are filled in."""
+    h = tg.Hyperparameters(**TINY)
+    lines = []
+    figures, checks = bench.gpu_check(h, tg.Runtime(h), 2, lines.append)
+    assert all(ok for _, ok, _ in checks), checks
+    assert len(lines) == len(checks) and figures["graphs"] == {"GPT.forward": 3, "zeropower_via_newtonschulz5": 0}
+    assert figures["train_tokens_per_second"] > 0 and figures["eval_tokens_per_second"] > 0
