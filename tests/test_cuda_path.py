@@ -237,10 +237,10 @@ def test_model_rounds_inv_freq_exactly_when_built_for_cuda(monkeypatch, is_cuda)
 
 
 @pytest.mark.parametrize("compile_", [False, True])
-def test_runtime_turns_optimize_ddp_off_when_compiling(monkeypatch, compile_):
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
-    tg.Runtime(make_h(compile=compile_))
-    assert torch._dynamo.config.optimize_ddp is (not compile_)
+def test_runtime_turns_optimize_ddp_off_when_compiling(compile_):
+    with torch._dynamo.config.patch(optimize_ddp=True):
+        tg.Runtime(make_h(compile=compile_))
+        assert torch._dynamo.config.optimize_ddp is (not compile_)
 
 
 def test_newton_schulz_compiled_on_cuda_eager_fp32_on_cpu(monkeypatch):
