@@ -15,6 +15,13 @@
       and compiled: time and peak memory of the loss and of the MLP alone (forward + backward on
       one micro-batch), then S timed training steps of the full config on random tokens with each
       switch off/on. On a machine without CUDA it says so and exits 2.
+  python bench.py memory [--rows 48]
+      Bytes autograd saves for one full-config training micro-batch (looping on) under CUDA's
+      bf16 autocast rules, emulated on a CPU-only build with meta and fake CUDA tensors.
+  python bench.py gpu-check [--steps 20]
+      On one CUDA GPU: versions, activation dtypes, a compiled full-config training (graph
+      count, recompiles, tok/s, peak memory) and compiled evaluation throughput, written to
+      logs/gpu_check_*.{txt,json}. Exits 1 if a check fails; refuses to run without CUDA.
 """
 
 from __future__ import annotations
@@ -55,6 +62,396 @@ def git_commit() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+class CudaAutocastEmulation:
+    """Runs ordinary CPU (or meta) tensors with every op's output dtype set by PyTorch's real CUDA
+    bf16 autocast rules, so a CPU-only build shows the activation dtypes of the GPU run.
+
+    Each torch call is first replayed on fake CUDA tensors of the same shapes and dtypes under CUDA
+    autocast (switched on by hand: torch.autocast("cuda") refuses without a device); the floating
+    inputs are then cast to the dtype that replay returned, which is what autocast's casting
+    policies do, and the call runs for real. Calls a CPU-only build cannot fake on CUDA (indexed
+    assignment, for one) keep their CPU behaviour and are listed in `unprobed`.
+    """
+
+    def __init__(self):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        emulation = self
+        self.cache: dict = {}
+        self.unprobed: set[str] = set()
+        self.probed: dict[str, set] = {}
+        self.parameter_casts: set[int] = set()  # storages of dtype casts of parameters (bf16 weight copies)
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return emulation.call(func, args, kwargs or {})
+
+        self.mode = Mode()
+        self.torch = torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.fake_mode = FakeTensorMode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    @staticmethod
+    def func_name(func) -> str:
+        return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+    def cuda_dtype(self, func, args, kwargs):
+        """Output dtype of func on fake CUDA tensors under CUDA bf16 autocast, or None."""
+        torch = self.torch
+        import torch.utils._pytree as pytree
+
+        leaves = pytree.tree_leaves((args, kwargs))
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        if not any(t.is_floating_point() for t in tensors):
+            return None
+        key = (func, tuple((t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in leaves))
+        if key in self.cache:
+            return self.cache[key]
+        dtype = None
+        try:
+            with self.fake_mode:
+                fake_args, fake_kwargs = pytree.tree_map(
+                    lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
+                    if isinstance(t, torch.Tensor) else t, (args, kwargs))
+                torch.set_autocast_enabled("cuda", True)
+                torch.set_autocast_dtype("cuda", torch.bfloat16)
+                torch.autocast_increment_nesting()
+                try:
+                    out = func(*fake_args, **fake_kwargs)
+                finally:
+                    torch.autocast_decrement_nesting()
+                    torch.set_autocast_enabled("cuda", False)
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                dtype = out.dtype
+                self.probed.setdefault(self.func_name(func), set()).add(dtype)
+        except Exception:  # an op this build cannot fake on CUDA: keep its CPU behaviour, say so
+            self.unprobed.add(self.func_name(func))
+        self.cache[key] = dtype
+        return dtype
+
+    def call(self, func, args, kwargs):
+        torch = self.torch
+        import torch.utils._pytree as pytree
+
+        name = self.func_name(func).rsplit(".", 1)[-1]
+        first = args[0] if args else None
+        if name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__setitem__":
+            return func(*args, **kwargs)  # in place: a cast copy would take the write, so leave it alone
+        dtype = self.cuda_dtype(func, args, kwargs)
+        if dtype is not None:
+            args, kwargs = pytree.tree_map(lambda t: self.cast(t, dtype), (args, kwargs))
+        out = func(*args, **kwargs)
+        if name == "to" and isinstance(first, torch.nn.Parameter) and out.dtype != first.dtype:
+            self.parameter_casts.add(out.untyped_storage()._cdata)
+        return out
+
+    def cast(self, t, dtype):
+        if not isinstance(t, self.torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
+            return t
+        out = t.to(dtype)
+        if isinstance(t, self.torch.nn.Parameter):
+            self.parameter_casts.add(out.untyped_storage()._cdata)
+        return out
+
+
+RECORD_PEAK_GIB = 39.5  # the record's measured peak memory per GPU (8xH100 training log)
+
+
+def saved_activations(h, rows: int) -> dict:
+    """Bytes autograd keeps for the backward of one training micro-batch of `rows` sequences, the
+    model as built for CUDA (bf16 embeddings) under emulated CUDA bf16 autocast, looping on,
+    attention through a stand-in that keeps what FlashAttention-3's backward keeps (q, k, v, out
+    and the fp32 log-sum-exp). Meta tensors: shapes and dtypes only, no memory, no compute.
+    This is eager PyTorch's bookkeeping; torch.compile may recompute or fuse some of it away."""
+    import torch
+
+    import train_gpt as tg
+
+    class FlashAttention3Saves(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            if not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
+                raise RuntimeError(f"FA3 would refuse q/k/v dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, _, _ = ctx.saved_tensors
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    with torch.device("meta"):
+        model = tg.build_model(h, torch.device("meta"), is_cuda=True)
+    model.looping_active = True
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, tuple[int, torch.dtype]] = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in param_storages:  # a tensor saved twice, or a view of one, counts once
+            saved[key] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    ids = torch.zeros(rows, h.train_seq_len, dtype=torch.long, device="meta")
+    old = tg.FLASH_ATTN_FUNC
+    tg.FLASH_ATTN_FUNC = lambda q, k, v, causal: FlashAttention3Saves.apply(q, k, v)
+    try:
+        with CudaAutocastEmulation() as emulation, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, ids)
+    finally:
+        tg.FLASH_ATTN_FUNC = old
+    if loss.dtype != torch.float32:
+        raise RuntimeError(f"loss dtype {loss.dtype}")
+    weight_copies = sum(saved.pop(k)[0] for k in list(saved) if k in emulation.parameter_casts)
+    by_dtype: dict[str, int] = {}
+    for nbytes, dtype in saved.values():
+        by_dtype[str(dtype).replace("torch.", "")] = by_dtype.get(str(dtype).replace("torch.", ""), 0) + nbytes
+    params = {str(dt).replace("torch.", ""): sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype == dt)
+              for dt in {p.dtype for p in model.parameters()}}
+    return dict(saved_bytes=sum(n for n, _ in saved.values()), saved_tensors=len(saved), saved_by_dtype=by_dtype,
+                saved_weight_copy_bytes=weight_copies,
+                parameter_bytes=params, unprobed_ops=sorted(emulation.unprobed))
+
+
+def run_memory(args) -> int:
+    import torch
+
+    import train_gpt as tg
+
+    h = tg.Hyperparameters(train_seq_len=args.seq_len, compile=False)
+    t0 = time.perf_counter()
+    est = saved_activations(h, args.rows)
+    gib = est["saved_bytes"] / 2**30
+    # Static per GPU: fp32 master weights (bf16 embeddings), their gradients, AdamW's two moments
+    # for the token and control groups, Muon's momentum for the matrices, the fp32 EMA copy.
+    p32 = est["parameter_bytes"].get("float32", 0)
+    pbf = est["parameter_bytes"].get("bfloat16", 0)
+    model = None
+    with torch.device("meta"):
+        model = tg.build_model(h, torch.device("meta"), is_cuda=True)
+    matrix, scalar, token = tg.split_params(model, h)
+    adam_bytes = sum(2 * p.numel() * p.element_size() for p in scalar + token)
+    muon_bytes = sum(p.numel() * p.element_size() for p in matrix)
+    ema_bytes = sum(4 * p.numel() for p in model.parameters())
+    static = 2 * (p32 + pbf) + adam_bytes + muon_bytes + ema_bytes
+    result = {
+        "command": "python bench.py memory" + (f" --rows {args.rows}" if args.rows != 48 else "")
+                   + (f" --seq-len {args.seq_len}" if args.seq_len != 2048 else ""),
+        "torch": torch.__version__,
+        "micro_batch": f"{args.rows} x {h.train_seq_len} tokens per rank, looping on",
+        "saved_activation_bytes": est["saved_bytes"], "saved_activation_gib": round(gib, 2),
+        "saved_tensors": est["saved_tensors"],
+        "saved_gib_by_dtype": {k: round(v / 2**30, 2) for k, v in sorted(est["saved_by_dtype"].items())},
+        # bf16 copies of the fp32 linear weights, one per use (looped layers three times), that eager
+        # autocast keeps for the backward; not counted above, compile may recompute them instead.
+        "saved_weight_copies_gib": round(est["saved_weight_copy_bytes"] / 2**30, 2),
+        "static_gib": round(static / 2**30, 2),
+        "static_parts_mib": {"weights": round((p32 + pbf) / 2**20), "gradients": round((p32 + pbf) / 2**20),
+                             "adamw_moments": round(adam_bytes / 2**20), "muon_momentum": round(muon_bytes / 2**20),
+                             "ema": round(ema_bytes / 2**20)},
+        "record_peak_gib_per_gpu": RECORD_PEAK_GIB,
+        "unprobed_ops": est["unprobed_ops"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+class RandomTokens:
+    """The training loader's interface with random tokens: speed and memory do not depend on them."""
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
+        import torch
+
+        self.g, self.vocab_size, self.seq_len = torch.Generator().manual_seed(seed), vocab_size, seq_len
+
+    def next_batch(self, rows: int):
+        import torch
+
+        t = torch.randint(0, self.vocab_size, (rows, self.seq_len + 1), generator=self.g)
+        return t[:, :-1], t[:, 1:]
+
+
+def compiled_graphs(fn) -> int:
+    """How many graphs Dynamo holds for a function's code (one per recompilation)."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    return len(eval_frame._debug_get_cache_entry_list(fn.__code__))
+
+
+def gpu_check(h, rt, steps: int, say) -> tuple[dict, list[tuple[str, bool, str]]]:
+    """The record's training path on this device: activation dtypes (eager, real autocast),
+    compiled training looping off and on, timed steps, compiled evaluation. Returns figures and
+    (check, passed, detail) rows. Runs on any Runtime; gpu-check gives it the GPU and full config."""
+    import torch
+
+    import train_gpt as tg
+
+    checks: list[tuple[str, bool, str]] = []
+    torch.manual_seed(0)
+    model = tg.build_model(h, rt.device, rt.is_cuda)
+
+    # 1. Dtypes in eager mode under the real autocast, two sequences, looping off and on.
+    block_dtypes, attn_dtypes, hooks = set(), set(), []
+    for block in model.blocks:
+        hooks.append(block.register_forward_hook(lambda m, a, out: block_dtypes.add(str(out.dtype))))
+    attention = tg.FLASH_ATTN_FUNC
+    if attention is not None:
+        tg.FLASH_ATTN_FUNC = lambda q, k, v, causal: attn_dtypes.add(f"{q.dtype},{k.dtype},{v.dtype}") or attention(q, k, v, causal=causal)
+    x, y = RandomTokens(h.vocab_size, h.train_seq_len, 1).next_batch(2)
+    losses = set()
+    try:
+        for looping in (False, True):
+            model.looping_active = looping
+            with rt.autocast():
+                loss = model(x.to(rt.device), y.to(rt.device))
+            loss.backward()
+            losses.add(str(loss.dtype))
+    finally:
+        tg.FLASH_ATTN_FUNC = attention
+        for hook in hooks:
+            hook.remove()
+    model.zero_grad(set_to_none=True)
+    want = "torch.bfloat16" if rt.is_cuda else "torch.float32"
+    checks.append(("residual stream dtype after every block", block_dtypes == {want}, f"{sorted(block_dtypes)}, want {want}"))
+    if attention is not None:
+        checks.append(("FA3 gets q, k, v in bf16", attn_dtypes == {",".join(["torch.bfloat16"] * 3)}, str(sorted(attn_dtypes))))
+    checks.append(("loss dtype", losses == {"torch.float32"}, str(sorted(losses))))
+    emb = {n: str(p.dtype) for n, p in model.named_parameters() if n in ("tok_emb.weight", "bigram.embed.weight")}
+    others = {str(p.dtype) for n, p in model.named_parameters() if n not in emb}
+    checks.append(("embeddings bf16 on CUDA, everything else fp32",
+                   set(emb.values()) == {"torch.bfloat16" if rt.is_cuda else "torch.float32"} and others == {"torch.float32"},
+                   f"{emb}, others {sorted(others)}"))
+
+    # 2. Compiled training, looping off then on (the warm-up's two graphs), then timed steps.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    trainer = tg.Trainer(h, rt, model, tg.Logger(None))
+    loader = RandomTokens(h.vocab_size, h.train_seq_len)
+    t0 = time.perf_counter()
+    for looping in (False, True):
+        model.looping_active = looping
+        for step in range(3):
+            trainer.step(loader, step, 1.0)
+    rt.synchronize()
+    compile_s = time.perf_counter() - t0
+    train_graphs = compiled_graphs(tg.GPT.forward)
+    checks.append(("training: one graph per looping mode", train_graphs == 2, f"{train_graphs} graphs of GPT.forward"))
+    if rt.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        loss = trainer.step(loader, step, 1.0)
+    rt.synchronize()
+    step_s = (time.perf_counter() - t0) / max(steps, 1)
+    tokens = h.micro_batch_seqs * h.train_seq_len * h.grad_accum_steps
+    checks.append(("no recompilation in timed steps", compiled_graphs(tg.GPT.forward) == train_graphs,
+                   f"{compiled_graphs(tg.GPT.forward)} graphs after, {train_graphs} before"))
+    checks.append(("finite training loss", bool(torch.isfinite(loss)), f"{float(loss):.4f}"))
+
+    # 3. Compiled evaluation: plain windows of EVAL_SEQ_LEN, padded batches, looping on.
+    model.looping_active = True
+    luts = (torch.ones(h.vocab_size, dtype=torch.int16, device=rt.device),
+            torch.zeros(h.vocab_size, dtype=torch.bool, device=rt.device),
+            torch.zeros(h.vocab_size, dtype=torch.bool, device=rt.device))
+    stream = RandomTokens(h.vocab_size, 4 * h.eval_batch_seqs * h.eval_seq_len, 2).next_batch(1)[0][0]
+    tg.evaluate_plain(h, rt, trainer.compiled, stream[: h.eval_seq_len + 1], luts)  # compiles the evaluation graph
+    before = compiled_graphs(tg.GPT.forward)
+    _, _, eval_ms = tg.evaluate_plain(h, rt, trainer.compiled, stream, luts)
+    checks.append(("evaluation: one graph, padded batches reuse it", before == train_graphs + 1 == compiled_graphs(tg.GPT.forward),
+                   f"{train_graphs} training + {compiled_graphs(tg.GPT.forward) - train_graphs} evaluation graphs"))
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    checks.append(("no graph breaks", not breaks, str(breaks)))
+    ns_graphs = compiled_graphs(tg.zeropower_via_newtonschulz5)
+    checks.append(("Newton-Schulz compiled within the recompile limit",
+                   (1 <= ns_graphs <= torch._dynamo.config.recompile_limit) if rt.is_cuda else ns_graphs == 0,
+                   f"{ns_graphs} graphs, limit {torch._dynamo.config.recompile_limit}"))
+    figures = {
+        "micro_batch": f"{h.micro_batch_seqs} x {h.train_seq_len}", "grad_accum_steps": h.grad_accum_steps,
+        "compile_and_warmup_seconds": round(compile_s, 1), "timed_steps": steps,
+        "step_ms": round(1000 * step_s, 1), "train_tokens_per_second": round(tokens / step_s),
+        "eval_tokens_per_second": round((stream.numel() - 1) / (eval_ms / 1000)),
+        "graphs": {"GPT.forward": compiled_graphs(tg.GPT.forward), "zeropower_via_newtonschulz5": ns_graphs},
+    }
+    if rt.is_cuda:
+        figures["peak_memory_allocated_gib_timed_steps"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        figures["peak_memory_reserved_gib_timed_steps"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    for name, ok, detail in checks:
+        say(f"check {'PASS' if ok else 'FAIL'}: {name} ({detail})")
+    return figures, checks
+
+
+def run_gpu_check(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"gpu-check needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Nothing was run.")
+    for var in ("RANK", "WORLD_SIZE"):
+        if var in os.environ:
+            raise SystemExit(f"gpu-check runs on one GPU without torchrun: unset {var}")
+    import train_gpt as tg
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    gpu = torch.cuda.get_device_name(0)
+    name = f"gpu_check_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}_{stamp}"
+    out_dir = ROOT / args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        lines.append(msg)
+
+    fa3 = tg.enable_flash_attention()
+    fa3_version = None
+    if fa3:
+        import flash_attn_interface
+
+        fa3_version = getattr(flash_attn_interface, "__version__", "unknown")
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(), "gpu": gpu, "gpus": torch.cuda.device_count(),
+                "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+                "flash_attn_3": fa3_version if fa3 else "not importable (SDPA is used)"}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    say("versions: " + " ".join(f"{k}:{v}" for k, v in versions.items()))
+    # The record's per-GPU micro-batch (48 x 2048, full config), one micro-batch per step.
+    h = tg.Hyperparameters(train_batch_tokens=args.rows * 2048, grad_accum_steps=1, compile=True, run_id=name)
+    rt = tg.Runtime(h)
+    say(f"config: full model, micro-batch {h.micro_batch_seqs} x {h.train_seq_len}, compile on, "
+        f"attention {'flash_attn_3' if fa3 else 'sdpa'}")
+    t0 = time.perf_counter()
+    figures, checks = gpu_check(h, rt, args.steps, say)
+    figures["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    ok = all(c[1] for c in checks)
+    say("figures: " + json.dumps(figures))
+    say(f"gpu_check:{'PASS' if ok else 'FAIL'} ({sum(c[1] for c in checks)}/{len(checks)} checks)")
+    result = {"command": "python bench.py gpu-check" + (f" --steps {args.steps}" if args.steps != 20 else "")
+              + (f" --rows {args.rows}" if args.rows != 48 else ""),
+              "git_commit": git_commit(), "versions": versions, "figures": figures, "passed": ok,
+              "checks": [{"check": n, "passed": o, "detail": d} for n, o, d in checks]}
+    (out_dir / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out_dir}/{name}.txt and .json")
+    return 0 if ok else 1
 
 
 def run_benchmark(args) -> int:
@@ -348,8 +745,16 @@ def main(argv=None) -> int:
     k.add_argument("--rows", type=int, default=48 * 2048, help="tokens in the isolated loss/MLP (one micro-batch)")
     k.add_argument("--steps", type=int, default=10)
     k.add_argument("--out", default="logs/kernels_ab.json")
+    gc = sub.add_parser("gpu-check", help="one GPU, a few minutes: will the record run work here? (logs/gpu_check_*)")
+    gc.add_argument("--steps", type=int, default=20, help="timed training steps after the compile warm-up")
+    gc.add_argument("--rows", type=int, default=48, help="sequences per micro-batch (the record: 48 per GPU)")
+    gc.add_argument("--out-dir", default="logs")
+    mem = sub.add_parser("memory", help="saved activations of one full-config micro-batch under the CUDA dtype policy")
+    mem.add_argument("--rows", type=int, default=48, help="sequences per micro-batch (the record: 48 per rank)")
+    mem.add_argument("--seq-len", type=int, default=2048)
     args = ap.parse_args(argv)
-    return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress, "kernels": run_kernels}[args.cmd](args)
+    return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress, "memory": run_memory,
+            "gpu-check": run_gpu_check, "kernels": run_kernels}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ HPARAMS = (
     ("eval_only", bool, False),
     ("quantized_model_path", str, "final_model.int6.ptz"),
     ("compile", bool, None),  # default: on for CUDA, off for CPU
+    ("gptq_hessian_all_ranks", bool, False),  # 1: average every rank's Hessians (the record: rank 0's alone)
     ("fused_ce", bool, False),  # Triton soft-capped cross-entropy (KERNELS)
     ("fused_mlp", bool, False),  # Triton LeakyReLU(0.5)^2 MLP activation (KERNELS)
     # model
@@ -254,6 +255,10 @@ class Runtime:
             dist.init_process_group(backend="nccl" if self.is_cuda else "gloo", device_id=self.device if self.is_cuda else None)
         self.distributed = h.distributed
         self.compile = self.is_cuda if h.compile is None else h.compile
+        if self.compile:
+            # As the record: without this, Dynamo's DDPOptimizer cuts each training graph at DDP's
+            # bucket boundaries (other fusions and recomputation, several compiles per mode).
+            torch._dynamo.config.optimize_ddp = False
         check_kernel_device(h, self.is_cuda)
         if self.is_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -663,7 +668,9 @@ def enable_flash_attention() -> bool:
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    # Since torch 2.12 CUDA autocast runs rms_norm in fp32 and returns fp32; the record (torch 2.9.1)
+    # got its input dtype back, and FA3 needs q, k and v in one dtype: cast back.
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 class CastedLinear(nn.Linear):
@@ -677,11 +684,16 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-def rotary_cos_sin(T: int, rope_dims: int, base: float, train_seq_len: int, device, dtype):
-    if T > train_seq_len:
+def rotary_cos_sin(T: int, rope_dims: int, base: float, train_seq_len: int, device, dtype, bf16_inv_freq: bool = False):
+    stretch = T > train_seq_len
+    if stretch:
         # Stretch the base for longer contexts so the slowest frequencies still span T.
         base = base * (T / train_seq_len) ** (rope_dims / (rope_dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
+    if bf16_inv_freq and not stretch:
+        # The record's GPU run keeps these frequencies in a buffer that its model.bfloat16() rounds
+        # (a stretched base is computed afresh in fp32): rotate as it did.
+        inv_freq = inv_freq.bfloat16().float()
     freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
     return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
 
@@ -695,7 +707,7 @@ def apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); query head h reads KV head h // (H/Hkv)."""
-    if FLASH_ATTN_FUNC is not None and q.is_cuda:
+    if FLASH_ATTN_FUNC is not None:  # set on CUDA only, when flash_attn_interface imports
         out = FLASH_ATTN_FUNC(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -818,6 +830,7 @@ class GPT(nn.Module):
         self.plain_encoder_indices = list(range(h.num_layers // 2))
         self.plain_decoder_indices = list(range(h.num_layers // 2, h.num_layers))
         self.looping_active = False
+        self.rope_bf16_inv_freq = False  # build_model sets it on CUDA, where the record rounds inv_freq
         num_skips = min(len(self.encoder_indices), len(self.decoder_indices))
         self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
@@ -853,7 +866,8 @@ class GPT(nn.Module):
             x = x + gate * F.pad(x[:, :-1], (0, 0, 1, 0))
         x0 = x
         T = ids.size(1)
-        cos, sin = rotary_cos_sin(T, self.h.rope_dims, self.h.rope_base, self.h.train_seq_len, x.device, x.dtype)
+        cos, sin = rotary_cos_sin(T, self.h.rope_dims, self.h.rope_base, self.h.train_seq_len, x.device, x.dtype,
+                                  self.rope_bf16_inv_freq)
         if self.looping_active:
             encoder, decoder = self.encoder_indices, self.decoder_indices
         else:
@@ -890,10 +904,12 @@ def build_model(h: Hyperparameters, device, is_cuda: bool) -> GPT:
     model = GPT(h).to(device)
     if is_cuda:
         # The record casts the model to bf16 and restores fp32 for every linear and control
-        # tensor, which leaves exactly the two embedding tables stored (and updated) in bf16.
+        # tensor, which leaves exactly the two embedding tables stored (and updated) in bf16,
+        # and its rotary inv_freq buffer in bf16.
         model.tok_emb.weight.data = model.tok_emb.weight.data.bfloat16()
         if model.bigram is not None:
             model.bigram.embed.weight.data = model.bigram.embed.weight.data.bfloat16()
+        model.rope_bf16_inv_freq = True
     return model
 
 
@@ -943,9 +959,10 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 row_normalize: bool, nesterov: bool = True):
+                 row_normalize: bool, nesterov: bool = True, orthogonalize=zeropower_via_newtonschulz5):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay, row_normalize=row_normalize, nesterov=nesterov))
+        self.orthogonalize = orthogonalize  # not in the groups, so optimizer state dicts stay plain data
 
     @torch.no_grad()
     def step(self):
@@ -970,7 +987,7 @@ class Muon(torch.optim.Optimizer):
                     g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                     if group["row_normalize"]:
                         g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
-                    g = zeropower_via_newtonschulz5(g, group["backend_steps"])
+                    g = self.orthogonalize(g, group["backend_steps"])
                     g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5
                     flat[offset: offset + p.numel()] = g.flatten().to(flat_dtype)
                 offset += p.numel()
@@ -1001,15 +1018,19 @@ def split_params(model: GPT, h: Hyperparameters):
     return matrix, scalar, token
 
 
-def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool, compile: bool = False) -> list[torch.optim.Optimizer]:
     matrix, scalar, token = split_params(model, h)
+    # Compiled on CUDA as the record: a few fused kernels per matrix instead of ~40, and the fused
+    # element-wise steps keep fp32 inside where eager rounds every intermediate to bf16.
+    orthogonalize = torch.compile(zeropower_via_newtonschulz5) if is_cuda and compile else zeropower_via_newtonschulz5
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=is_cuda)
     optimizers = [
         torch.optim.AdamW([dict(params=token, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)],
                           weight_decay=h.embed_wd, **adam),
         torch.optim.AdamW([dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr)], weight_decay=h.adam_wd, **adam),
         Muon([dict(params=matrix, lr=h.matrix_lr, base_lr=h.matrix_lr)], lr=h.matrix_lr, momentum=h.muon_momentum,
-             backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd, row_normalize=h.muon_row_normalize),
+             backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd, row_normalize=h.muon_row_normalize,
+             orthogonalize=orthogonalize),
     ]
     return optimizers
 
@@ -1039,7 +1060,7 @@ class Trainer:
 
     def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, log: Logger):
         self.h, self.rt, self.model, self.log = h, rt, model, log
-        self.optimizers = build_optimizers(model, h, rt.is_cuda)
+        self.optimizers = build_optimizers(model, h, rt.is_cuda, rt.compile)
         self.muon = self.optimizers[-1]
         # The bare model is kept for saving and quantizing; `compiled` for evaluation; `fwd` trains.
         self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
@@ -1214,9 +1235,11 @@ def quant_category(name: str, t: Tensor) -> str:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, rows: int, rt: Runtime) -> dict:
+def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, rows: int, rt: Runtime,
+                     all_ranks: bool = False) -> dict:
     """H = sum(X^T X) / n for the input X of every GPTQ matrix, and of the final-norm output
-    for the tied embedding, over TRAINING batches only. A looped layer accumulates every pass."""
+    for the tied embedding, over TRAINING batches only. A looped layer accumulates every pass.
+    all_ranks: sum X^T X and n over the ranks (every rank must call it); else this rank's own."""
     hessians, counts, hooks = {}, {}, []
 
     def accumulate(key: str, x: Tensor) -> None:
@@ -1240,11 +1263,11 @@ def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, r
     finally:
         for hook in hooks:
             hook.remove()
-    # Every rank calibrated on its own batches: average so all ranks quantize identically.
     for key in sorted(hessians):
-        H = rt.all_reduce(hessians[key])
-        n = torch.tensor(float(counts[key]), device=H.device)
-        hessians[key] = (H / rt.all_reduce(n)).cpu()
+        H, n = hessians[key], torch.tensor(float(counts[key]), device=hessians[key].device)
+        if all_ranks:
+            H, n = rt.all_reduce(H), rt.all_reduce(n)
+        hessians[key] = (H / n).cpu()
     return hessians
 
 
@@ -1496,9 +1519,11 @@ def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtim
         x, y, mask = x.to(rt.device), y.to(rt.device), mask.to(rt.device)
         with rt.autocast():
             nll = model(x, y, reduction="none")
-        sums[0] += nll[mask].double().sum()
+        # Masked sums, not nll[mask]: boolean indexing has a data-dependent size, so it would
+        # stop the host for the device twice per batch.
+        sums[0] += torch.where(mask, nll.double(), 0.0).sum()
         sums[1] += mask.sum()
-        sums[2] += token_bytes(x, y, luts)[mask].double().sum()
+        sums[2] += torch.where(mask, token_bytes(x, y, luts), 0).sum()
     return sums
 
 
@@ -1533,6 +1558,20 @@ def evaluate_sliding(h, rt, model, val_tokens, luts, log=None, trace=None):
             log(f"sliding_progress windows:{b + step}/{len(mine)} elapsed:{elapsed:.0f}s eta:{elapsed / done - elapsed:.0f}s")
     loss, bpb = summarize(sums, rt)
     return loss, bpb, 1000 * (time.perf_counter() - t0)
+
+
+def average_gradients(params: list[Tensor], rt: Runtime) -> None:
+    """Mean of every gradient over the ranks in one flat all-reduce per gradient dtype (fp32, plus
+    bf16 for the embeddings on CUDA) rather than one per parameter. gloo has no AVG: sum, divide."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = rt.all_reduce(torch.cat([g.reshape(-1) for g in grads])).div_(rt.world_size)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def evaluate_ttt(h, rt, model, val_tokens, luts, log=None, trace=None):
@@ -1579,11 +1618,7 @@ def evaluate_ttt(h, rt, model, val_tokens, luts, log=None, trace=None):
                             loss = model(xy[:, :-1], xy[:, 1:])
                         loss.backward()
                     if rt.distributed:
-                        for p in params:  # gloo has no AVG: sum, then divide
-                            if p.grad is None:
-                                p.grad = torch.zeros_like(p)
-                            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                            p.grad.div_(rt.world_size)
+                        average_gradients(params, rt)
                     torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
                     opt.step()
         now = time.perf_counter()
@@ -1597,7 +1632,7 @@ def evaluate_ttt(h, rt, model, val_tokens, luts, log=None, trace=None):
 
 
 def maybe_compile(model: GPT, rt: Runtime):
-    return torch.compile(model, dynamic=False) if rt.compile else model
+    return torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
 
 
 def run_evaluations(h, rt, val_tokens, luts, log) -> None:
@@ -1640,8 +1675,13 @@ def quantize_and_save(h, rt, model, log, code_bytes: int) -> int:
     """GPTQ-calibrate on training batches, write the artifact atomically; returns total bytes."""
     t0 = time.perf_counter()
     model.looping_active = h.num_loops > 0
-    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
-    hessians = collect_hessians(model, loader, h.gptq_calibration_batches, h.micro_batch_seqs, rt)
+    # The record quantizes from rank 0's own batches (its loader, no all-reduce): the other ranks
+    # have nothing to calibrate unless GPTQ_HESSIAN_ALL_RANKS=1 averages everyone's.
+    hessians = {}
+    if rt.is_main or h.gptq_hessian_all_ranks:
+        loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
+        hessians = collect_hessians(model, loader, h.gptq_calibration_batches, h.micro_batch_seqs, rt,
+                                    all_ranks=h.gptq_hessian_all_ranks)
     log(f"gptq:collected {len(hessians)} hessians from {h.gptq_calibration_batches} training batches "
         f"in {1000 * (time.perf_counter() - t0):.0f}ms")
     blob_bytes = 0
