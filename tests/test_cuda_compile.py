@@ -68,8 +68,9 @@ class RandomLoader:
         return t[:, :-1], t[:, 1:]
 
 
-def test_whole_run_compiles_four_graphs_without_breaks(graphs):
-    h = tg.Hyperparameters(**TINY)
+@pytest.mark.parametrize("kernels", [{}, dict(fused_ce=True, fused_mlp=True)], ids=["math", "kernels"])
+def test_whole_run_compiles_four_graphs_without_breaks(graphs, kernels):
+    h = tg.Hyperparameters(**TINY, **kernels)
     rt = types.SimpleNamespace(
         h=h, rank=0, world_size=1, is_main=True, device=torch.device("cpu"), is_cuda=False, distributed=False,
         compile=True, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16), synchronize=lambda: None,

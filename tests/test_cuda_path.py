@@ -121,13 +121,17 @@ def test_fa3_stand_in_refuses_what_fa3_refuses():
 UNPROBED_OK = {"TensorBase.__getitem__", "Tensor.backward", "scaled_dot_product_attention"}
 
 
-@pytest.fixture(scope="module")
-def cuda_dtype_run():
+KERNEL_SWITCHES = {"math": {}, "kernels": dict(fused_ce=True, fused_mlp=True)}
+
+
+@pytest.fixture(scope="module", params=sorted(KERNEL_SWITCHES))
+def cuda_dtype_run(request):
     """Training micro-batch forward + backward and evaluation forward, looping off and on, of the
-    model as built for CUDA, under emulated CUDA autocast; with the FA3 stand-in and with SDPA."""
+    model as built for CUDA, under emulated CUDA autocast; with the FA3 stand-in and with SDPA;
+    with the record's math and with the Triton kernels (FUSED_CE, FUSED_MLP) switched on."""
     results = {}
     for attention in ("fa3", "sdpa"):
-        h = make_h()
+        h = make_h(**KERNEL_SWITCHES[request.param])
         torch.manual_seed(0)
         model = tg.build_model(h, torch.device("cpu"), is_cuda=True)
         fa3 = FA3StandIn(h)
@@ -155,7 +159,7 @@ def cuda_dtype_run():
         finally:
             tg.FLASH_ATTN_FUNC = old
         results[attention] = dict(model=model, fa3=fa3, outputs=outputs, losses=losses, nlls=nlls,
-                                  emulation=emulation)
+                                  emulation=emulation, kernels=request.param == "kernels")
     return results
 
 
@@ -189,10 +193,16 @@ def test_cuda_rules_reached_through_fake_tensors(cuda_dtype_run):
     """The emulation really consulted the CUDA rules: linear runs in bf16 even on fp32 input, and
     the ops on autocast's fp32 list (F.normalize in XSA, square in the MLP, cross-entropy) give
     fp32 - on the record's torch as now, so the record's XSA output and MLP hidden were fp32 too."""
-    probed = cuda_dtype_run["fa3"]["emulation"].probed
+    run = cuda_dtype_run["fa3"]
+    probed = run["emulation"].probed
     assert probed["linear"] == {torch.bfloat16}
-    for name in ("normalize", "TensorBase.square", "cross_entropy"):
+    # With the kernels on, the MLP activation and the loss are custom ops (no autocast rule: they
+    # take the bf16 input and compute in fp32 inside), so square and cross_entropy are never called.
+    fp32_list = ("normalize",) if run["kernels"] else ("normalize", "TensorBase.square", "cross_entropy")
+    for name in fp32_list:
         assert probed[name] == {torch.float32}, name
+    if run["kernels"]:
+        assert "TensorBase.square" not in probed and "cross_entropy" not in probed, sorted(probed)
 
 
 # -----------------------------------------------------------------------------------------
