@@ -379,26 +379,40 @@ def shard_files(pattern: str) -> list[str]:
     return files
 
 
+def check_token_ids(tokens: np.ndarray, path: str, vocab_size: int) -> None:
+    """A shard of another vocabulary would crash the embedding lookup at whatever step first
+    draws the bad id, hours in: check each shard once, when it is opened."""
+    top = int(tokens.max()) if tokens.size else 0
+    if top >= vocab_size:
+        raise ValueError(f"shard {path} holds token id {top} >= VOCAB_SIZE={vocab_size} "
+                         "(written with another tokenizer?)")
+
+
 def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tensor:
-    tokens = np.concatenate([np.asarray(read_shard(f)) for f in shard_files(pattern)])
+    shards = []
+    for f in shard_files(pattern):
+        shards.append(np.asarray(read_shard(f)))
+        check_token_ids(shards[-1], f, vocab_size)
+    tokens = np.concatenate(shards)
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
         raise ValueError(f"validation split {pattern} has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
     tokens = tokens[: usable + 1]
-    if int(tokens.max()) >= vocab_size:
-        raise ValueError(f"validation shards hold token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
     return torch.from_numpy(tokens.astype(np.int64))
 
 
 class ShuffledSequenceLoader:
     """Draws TRAIN_SEQ_LEN+1 token windows from this rank's shards without replacement."""
 
-    def __init__(self, pattern: str, seq_len: int, rank: int, world_size: int):
+    def __init__(self, pattern: str, seq_len: int, rank: int, world_size: int, vocab_size: int | None = None):
         files = shard_files(pattern)[rank::world_size]
         if not files:
             raise ValueError(f"rank {rank} of {world_size} has no training shard ({pattern})")
         self.files, self.seq_len = files, seq_len
         self.tokens = [read_shard(f) for f in files]
+        if vocab_size is not None:
+            for f, toks in zip(files, self.tokens):
+                check_token_ids(toks, f, vocab_size)
         self.rng = np.random.Generator(np.random.PCG64(rank))
         self.starts: list[list[int]] = [[] for _ in files]
         self._reset_all()
@@ -898,8 +912,9 @@ def warm_up(h: Hyperparameters, trainer: Trainer, loader: ShuffledSequenceLoader
 
 
 def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, log: Logger) -> Trainer:
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size, h.vocab_size)
     trainer = Trainer(h, rt, model, log)
-    warm_up(h, trainer, ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size))
+    warm_up(h, trainer, loader)
     loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
     tokens_per_step = h.micro_batch_seqs * h.train_seq_len * h.grad_accum_steps * h.world_size
     cap_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else None
@@ -911,6 +926,8 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.synchronize()
             training_ms += 1000.0 * (time.perf_counter() - t0)
+            if last:
+                save_final_model(model, trainer.ema, rt, log)  # on disk before anything evaluates
             val_loss, val_bpb, _ = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
             log(f"{step}/{h.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
             rt.synchronize()
@@ -947,6 +964,15 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
     load_into_model(model, trainer.ema, "EMA")
     log_weights_checksum(model, rt, log)
     return trainer
+
+
+def save_final_model(model: GPT, ema: dict, rt: Runtime, log: Logger) -> None:
+    """final_model.pt: the EMA weights in the model's dtypes, written the moment training ends,
+    so a crash in any evaluation after it never loses a finished run."""
+    if rt.is_main:
+        state = {k: ema[k].reshape(v.shape).to(v.dtype) for k, v in model.state_dict().items()}
+        atomic_write("final_model.pt", torch_bytes(state))
+        log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes (final_model.pt, EMA weights)")
 
 
 def log_weights_checksum(model: nn.Module, rt: Runtime, log: Logger) -> None:
@@ -1473,10 +1499,7 @@ def main() -> int:
             load_into_model(model, torch.load(h.init_state, map_location="cpu", weights_only=True), h.init_state)
             log(f"init_state: {h.init_state}")
         log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-        trainer = train(h, rt, model, val_tokens, luts, log)
-        if rt.is_main:
-            atomic_write("final_model.pt", torch_bytes(model.state_dict()))
-            log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes (final_model.pt, EMA weights)")
+        trainer = train(h, rt, model, val_tokens, luts, log)  # writes final_model.pt when training ends
         model.looping_active = h.num_loops > 0
         loss, bpb, ms = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
         log(f"pre-quantization post-ema val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")

@@ -47,3 +47,51 @@ def test_bench_name_never_deletes_outside_build_bench(name, tmp_path, monkeypatc
 
 def test_bench_name_accepts_plain_names():
     assert bench.bench_dir("cpu_small-v2.1+x").name == "cpu_small-v2.1+x"
+
+
+def tiny_main_env(tiny_env: dict, monkeypatch, tmp_path: Path, **changes) -> None:
+    """train_gpt.main() in this process (no interpreter start-up) with the tiny run's settings."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in dict(tiny_env, ITERATIONS="3", VAL_LOSS_EVERY="0", WARMUP_STEPS="0", **changes).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+
+
+def copy_data(tiny_data: dict, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(tiny_data["data_dir"], dest)
+    return dest / "datasets" / f"fineweb10B_sp{tiny_data['vocab_size']}"
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_shard_with_an_id_beyond_the_vocabulary_is_refused_before_step_0(split, tiny_data, tiny_env, tmp_path,
+                                                                        monkeypatch, one_thread):
+    ds = copy_data(tiny_data, tmp_path / "data")
+    bad = ds / f"fineweb_{split}_000000.bin"
+    tokens = np.asarray(train_gpt.read_shard(str(bad))).copy()
+    tokens[len(tokens) // 2] = 999  # >= VOCAB_SIZE=384, deep inside the shard
+    write_shard(bad, tokens)
+    tiny_main_env(tiny_env, monkeypatch, tmp_path, DATA_DIR=str(tmp_path / "data"), RUN_ID="badid")
+    monkeypatch.setattr(train_gpt.Trainer, "step", lambda *a: pytest.fail("trained on a shard of another vocabulary"))
+    with pytest.raises(ValueError, match=re.escape(f"shard {bad} holds token id 999 >= VOCAB_SIZE=384")):
+        train_gpt.main()
+
+
+def test_final_model_is_on_disk_before_any_evaluation(tiny_env, tmp_path, monkeypatch, one_thread):
+    tiny_main_env(tiny_env, monkeypatch, tmp_path, RUN_ID="crash")
+    seen = []
+
+    def crashing_eval(*args, **kwargs):
+        seen.append(Path("final_model.pt").is_file())
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(train_gpt, "evaluate_plain", crashing_eval)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train_gpt.main()
+    assert seen == [True]
+    torch.manual_seed(0)
+    state = torch.load(tmp_path / "final_model.pt", map_location="cpu", weights_only=True)
+    assert "tok_emb.weight" in state and all(torch.isfinite(v.float()).all() for v in state.values())
+    assert "Serialized model: " in read_log(tmp_path, "crash")
