@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import glob
 import hashlib
 import io
@@ -157,6 +158,12 @@ class Hyperparameters:
             setattr(self, name, value)
         if overrides:
             raise TypeError(f"unknown Hyperparameters: {sorted(overrides)}")
+        # A misspelt setting (NUM_LAYER=3) would be silently ignored: name the setting it resembles.
+        known = [name.upper() for name, _, _ in HPARAMS]
+        self.env_warnings = [
+            f"environment variable {k}={os.environ[k]!r} is not a setting; did you mean {close[0]}?"
+            for k in sorted(os.environ) if k not in known
+            for close in [difflib.get_close_matches(k, known, n=1, cutoff=0.8)] if close]
         # torchrun's variables decide the process layout; they are not knobs. A stray WORLD_SIZE
         # without RANK is ignored rather than splitting work across ranks that do not exist.
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -189,6 +196,25 @@ class Hyperparameters:
             raise ValueError(f"WORLD_SIZE={h.world_size} must divide 8 (the record's 8-way batch split)")
         if h.grad_accum_steps < 1:
             raise ValueError(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must be >= 1")
+        # Zero or negative, these divide by zero, loop forever or train forever at lr 0.
+        for name in ("num_heads", "num_kv_heads", "train_seq_len", "eval_seq_len", "eval_stride", "eval_batch_seqs",
+                     "ttt_chunk_tokens", "ttt_batch_seqs", "gptq_calibration_batches", "train_batch_tokens"):
+            if getattr(h, name) <= 0:
+                raise ValueError(f"{name.upper()}={getattr(h, name)} must be > 0")
+        if h.iterations < 0:
+            raise ValueError(f"ITERATIONS={h.iterations} must be >= 0")
+        if h.gptq_reserve_seconds is not None and not 0 <= h.gptq_reserve_seconds < h.max_wallclock_seconds \
+                and h.max_wallclock_seconds > 0:
+            raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no training time after "
+                             f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds} (set MAX_WALLCLOCK_SECONDS=0 for no limit)")
+        if h.max_wallclock_seconds < 0:
+            raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} must be >= 0 (0: no limit)")
+        split = h.world_size * h.grad_accum_steps * h.train_seq_len
+        if h.train_batch_tokens % split:
+            raise ValueError(
+                f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of WORLD_SIZE={h.world_size} x "
+                f"GRAD_ACCUM_STEPS={h.grad_accum_steps} x TRAIN_SEQ_LEN={h.train_seq_len} = {split}: the batch "
+                f"would be rounded down to {h.micro_batch_seqs * split} tokens")
         if h.model_dim % h.num_heads != 0:
             raise ValueError(f"NUM_HEADS={h.num_heads} must divide MODEL_DIM={h.model_dim}")
         if h.num_heads % h.num_kv_heads != 0:
@@ -1441,6 +1467,8 @@ def log_header(h: Hyperparameters, rt: Runtime, log: Logger, code: bytes) -> Non
         + (f" cuda:{torch.version.cuda}" if rt.is_cuda else ""))
     for name, value in h.items():
         log(f"hparam:{name}={value}", console=False)
+    for warning in h.env_warnings:
+        log(f"WARNING: {warning}")
     log(f"attention:{'flash_attn_3' if FLASH_ATTN_FUNC is not None else 'sdpa'} compile:{int(rt.compile)} "
         f"grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{h.micro_batch_seqs}")
 

@@ -95,3 +95,46 @@ def test_final_model_is_on_disk_before_any_evaluation(tiny_env, tmp_path, monkey
     state = torch.load(tmp_path / "final_model.pt", map_location="cpu", weights_only=True)
     assert "tok_emb.weight" in state and all(torch.isfinite(v.float()).all() for v in state.values())
     assert "Serialized model: " in read_log(tmp_path, "crash")
+
+
+# -----------------------------------------------------------------------------
+# Settings: every bad value stops at construction, named
+# -----------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    (dict(EVAL_STRIDE="-64"), "EVAL_STRIDE=-64"),  # trained, wrote the artifact, then hung in the sliding pass
+    (dict(EVAL_STRIDE="0"), "EVAL_STRIDE=0"),
+    (dict(ITERATIONS="-1"), "ITERATIONS=-1"),  # trained forever at lr 0
+    (dict(EVAL_BATCH_SEQS="0"), "EVAL_BATCH_SEQS=0"),
+    (dict(EVAL_BATCH_SEQS="-2"), "EVAL_BATCH_SEQS=-2"),
+    (dict(TTT_BATCH_SEQS="0"), "TTT_BATCH_SEQS=0"),
+    (dict(TTT_CHUNK_TOKENS="0"), "TTT_CHUNK_TOKENS=0"),
+    (dict(GPTQ_CALIBRATION_BATCHES="0"), "GPTQ_CALIBRATION_BATCHES=0"),
+    (dict(NUM_KV_HEADS="0"), "NUM_KV_HEADS=0"),
+    (dict(TRAIN_SEQ_LEN="0"), "TRAIN_SEQ_LEN=0"),
+    (dict(EVAL_SEQ_LEN="0"), "EVAL_SEQ_LEN=0"),
+    (dict(MAX_WALLCLOCK_SECONDS="12", GPTQ_RESERVE_SECONDS="12"), "MAX_WALLCLOCK_SECONDS=12.0"),
+    (dict(MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="12"), "GPTQ_RESERVE_SECONDS=12.0"),
+    (dict(TRAIN_BATCH_TOKENS="786433"), "TRAIN_BATCH_TOKENS=786433"),  # silently rounded down before
+    (dict(GRAD_ACCUM_STEPS="5"), "GRAD_ACCUM_STEPS=5"),
+]
+
+
+@pytest.mark.parametrize("env, named", BAD_SETTINGS, ids=[n for _, n in BAD_SETTINGS])
+def test_bad_setting_is_refused_with_variable_and_value(env, named, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError) as exc:
+        train_gpt.Hyperparameters()
+    assert named in str(exc.value)
+
+
+def test_misspelt_setting_gets_a_warning_naming_the_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("NUM_LAYER", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # not a setting, and nothing like one
+    h = train_gpt.Hyperparameters()
+    assert h.env_warnings == ["environment variable NUM_LAYER='3' is not a setting; did you mean NUM_LAYERS?"]
+    log = train_gpt.Logger(str(tmp_path / "log.txt"))
+    train_gpt.log_header(h, train_gpt.Runtime(h), log, b"code")
+    assert "WARNING: environment variable NUM_LAYER='3' is not a setting; did you mean NUM_LAYERS?" in \
+        (tmp_path / "log.txt").read_text()
