@@ -508,6 +508,14 @@ def parse_log(path: str | Path) -> dict:
     log["seed"] = _num(log["hparams"]["SEED"])
     log["run_id"] = log["hparams"].get("RUN_ID")
     log["final_stage"] = next(s for s in FINAL_ORDER if s in log["stages"])
+    # A run killed mid-evaluation still has its earlier stages: the settings say which must be there.
+    for stage, switch in (("quantized_sliding_window", "SLIDING_WINDOW_ENABLED"), ("quantized_ttt", "TTT_ENABLED")):
+        if log["hparams"].get(switch, "").lower() in ("true", "1") and stage not in log["stages"]:
+            raise PackError(f"{path}: {switch} is on but there is no '{stage} val_loss:...' line; "
+                            "the run did not finish its evaluation")
+    for stage, values in log["stages"].items():
+        if not all(math.isfinite(v) for v in values.values()):
+            raise PackError(f"{path}: stage {stage} has a non-finite result {values}")
     return log
 
 
@@ -770,7 +778,7 @@ def build_record(name: str, log_paths: list[Path], src: Path, packed_path: Path,
             shutil.copyfile(log["path"], tmp / f"train_seed{log['seed']}.log")
         for run in record["runs"]:
             run["log"] = f"train_seed{run['seed']}.log"
-        (tmp / "submission.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (tmp / "submission.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(readme(name, date, summary, packed), encoding="utf-8")
         requirements = ROOT / "requirements.txt"
         if requirements.is_file():
@@ -899,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.summary:
             summary = summarize([parse_log(p) for p in found_logs(args.summary)], args.baseline_bpb, args.baseline_loss)
-            atomic_write(args.out_json, (json.dumps(summary, indent=2) + "\n").encode())
+            atomic_write(args.out_json, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
             print(f"wrote {args.out_json}: val_bpb {summary['val_bpb']:.5f} over {summary['n_seeds']} seed(s) "
                   f"on {summary['hardware']}")
             return 0
@@ -911,6 +919,9 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write(args.out, result.wrapped)
         print(result.report(args.out))
         if args.artifact:
+            if not os.path.isfile(args.artifact):
+                raise PackError(f"--artifact {args.artifact}: " + (
+                    "is a folder, not a model blob" if os.path.isdir(args.artifact) else "no such file"))
             blob = (os.path.getsize(args.artifact), args.artifact)
         else:
             blob = largest_blob_in_logs(args.logs or ["logs"])

@@ -1447,7 +1447,14 @@ def run_evaluations(h, rt, val_tokens, luts, log) -> None:
         kwargs = {} if fn is evaluate_plain else {"log": log}
         loss, bpb, ms = fn(h, rt, maybe_compile(model, rt), val_tokens, luts, **kwargs)
         log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
+        check_finite(label, loss, bpb)
         del model
+
+
+def check_finite(label: str, loss: float, bpb: float) -> None:
+    """A NaN result (TTT diverging, say) must fail the run, not pass as a score."""
+    if not (math.isfinite(loss) and math.isfinite(bpb)):
+        raise FloatingPointError(f"{label} evaluation gave val_loss {loss}, val_bpb {bpb}: not a result")
 
 
 # -----------------------------------------------------------------------------
@@ -1514,12 +1521,17 @@ def main() -> int:
     log(f"val_tokens:{val_tokens.numel() - 1} train_shards:{len(shard_files(h.train_files))}")
 
     if h.eval_only:
+        if os.path.isdir(h.quantized_model_path):
+            raise IsADirectoryError(f"EVAL_ONLY=1 but QUANTIZED_MODEL_PATH={h.quantized_model_path} is a folder, "
+                                    "not an artifact file")
         if not os.path.isfile(h.quantized_model_path):
             raise FileNotFoundError(f"EVAL_ONLY=1 but the artifact {h.quantized_model_path} does not exist")
         blob_bytes = os.path.getsize(h.quantized_model_path)
+        with open(h.quantized_model_path, "rb") as f:  # label the blob by what it is, not by COMPRESSOR
+            compressor = "lzma" if f.read(len(XZ_MAGIC)) == XZ_MAGIC else "brotli"
         log(f"eval_only: {h.quantized_model_path}")
-        log(f"Serialized model quantized+{h.compressor}: {blob_bytes} bytes")
-        log(f"Total submission size quantized+{h.compressor}: {blob_bytes + len(code)} bytes")
+        log(f"Serialized model quantized+{compressor}: {blob_bytes} bytes")
+        log(f"Total submission size quantized+{compressor}: {blob_bytes + len(code)} bytes")
         total = blob_bytes + len(code)
     else:
         model = build_model(h, rt.device, rt.is_cuda)
@@ -1531,6 +1543,7 @@ def main() -> int:
         model.looping_active = h.num_loops > 0
         loss, bpb, ms = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
         log(f"pre-quantization post-ema val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
+        check_finite("pre-quantization post-ema", loss, bpb)
         total = quantize_and_save(h, rt, model, log, len(code))
         del model, trainer
     run_evaluations(h, rt, val_tokens, luts, log)

@@ -138,3 +138,96 @@ def test_misspelt_setting_gets_a_warning_naming_the_setting(monkeypatch, tmp_pat
     train_gpt.log_header(h, train_gpt.Runtime(h), log, b"code")
     assert "WARNING: environment variable NUM_LAYER='3' is not a setting; did you mean NUM_LAYERS?" in \
         (tmp_path / "log.txt").read_text()
+
+
+# -----------------------------------------------------------------------------
+# Results that look fine but are not
+# -----------------------------------------------------------------------------
+
+
+def tiny_h(**kw) -> train_gpt.Hyperparameters:
+    return train_gpt.Hyperparameters(**dict(
+        vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2.0, rope_dims=8,
+        xsa_last_n=1, parallel_residual_start=1, loop_start=0, loop_end=1, num_loops=1, bigram_vocab_size=32,
+        bigram_dim=8, train_seq_len=16, train_batch_tokens=128, grad_accum_steps=1, eval_seq_len=16,
+        eval_stride=8, ttt_chunk_tokens=64, compile=False, **kw))
+
+
+@pytest.mark.parametrize("bad_stage", ["quantized", "quantized_sliding_window", "quantized_ttt"])
+def test_non_finite_evaluation_fails_naming_the_stage(bad_stage, monkeypatch, tmp_path):
+    h = tiny_h()
+    rt = train_gpt.Runtime(h)
+    monkeypatch.setattr(train_gpt, "load_quantized_model", lambda *a: train_gpt.GPT(h))
+    fns = {"quantized": "evaluate_plain", "quantized_sliding_window": "evaluate_sliding",
+           "quantized_ttt": "evaluate_ttt"}
+    for stage, fn in fns.items():
+        value = math.nan if stage == bad_stage else 1.0
+        monkeypatch.setattr(train_gpt, fn, lambda *a, v=value, **k: (v, v, 1.0))
+    log = train_gpt.Logger(str(tmp_path / "log.txt"))
+    with pytest.raises(FloatingPointError, match=f"^{bad_stage} evaluation gave val_loss nan"):
+        train_gpt.run_evaluations(h, rt, None, None, log)
+
+
+def pack_log(tmp_path: Path, **kw) -> Path:
+    from test_pack import make_log
+
+    return make_log(tmp_path / f"seed{kw.get('seed', 1)}.txt", kw.pop("seed", 1), b"code", kw.pop("loss", 2.8), **kw)
+
+
+@pytest.mark.parametrize("case", ["ttt_missing", "sliding_missing", "nan", "inf"])
+def test_pack_summary_refuses_incomplete_or_non_finite_runs(case, tmp_path, capsys):
+    if case == "ttt_missing":  # killed during TTT: the sliding result would pass as final
+        log = pack_log(tmp_path, drop="quantized_ttt")
+    elif case == "sliding_missing":
+        log = pack_log(tmp_path, drop="quantized_sliding_window", TTT_ENABLED="False",
+                       SLIDING_WINDOW_ENABLED="True")
+    else:
+        log = pack_log(tmp_path, loss=math.nan if case == "nan" else math.inf)
+    out = tmp_path / "submission.json"
+    import pack
+
+    assert pack.main(["--summary", str(log), "--out-json", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert str(log) in err and ("did not finish" in err or "non-finite" in err)
+    assert not out.exists()
+
+
+def test_pack_json_is_never_written_with_nan(tmp_path, monkeypatch):
+    import pack
+
+    monkeypatch.setattr(pack, "summarize", lambda *a: {"val_bpb": math.nan, "n_seeds": 1, "hardware": "x"})
+    out = tmp_path / "submission.json"
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        pack.main(["--summary", str(pack_log(tmp_path)), "--out-json", str(out)])
+    assert not out.exists()
+
+
+def test_pack_artifact_folder_is_named_as_a_folder(tmp_path, capsys):
+    import pack
+
+    src = tmp_path / "t.py"
+    src.write_text("x = 1\n")
+    assert pack.main(["--src", str(src), "--out", str(tmp_path / "o.py"), "--artifact", str(tmp_path)]) == 1
+    assert f"--artifact {tmp_path}: is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["lzma_blob", "folder"])
+def test_eval_only_labels_the_blob_and_names_a_folder(case, tiny_env, tmp_path, monkeypatch, one_thread):
+    import lzma
+
+    artifact = tmp_path / "blob.ptz"
+    if case == "lzma_blob":
+        artifact.write_bytes(lzma.compress(b"not read: evaluation is stubbed"))
+    else:
+        artifact.mkdir()
+    tiny_main_env(tiny_env, monkeypatch, tmp_path, RUN_ID="evalonly", EVAL_ONLY="1", COMPRESSOR="brotli",
+                  QUANTIZED_MODEL_PATH=str(artifact))
+    monkeypatch.setattr(train_gpt, "run_evaluations", lambda *a: None)
+    if case == "folder":
+        with pytest.raises(OSError, match=re.escape(f"QUANTIZED_MODEL_PATH={artifact} is a folder")):
+            train_gpt.main()
+        return
+    assert train_gpt.main() == 0
+    log = read_log(tmp_path, "evalonly")
+    assert f"Serialized model quantized+lzma: {artifact.stat().st_size} bytes" in log
+    assert "quantized+brotli" not in log
