@@ -446,6 +446,8 @@ LINE_RES = {
     "over_budget": re.compile(r"OVER BUDGET by (-?\d+) bytes"),
     "stage": re.compile(r"(" + "|".join(re.escape(s) for s in STAGES) + r") val_loss:(" + NUM + r") val_bpb:("
                         + NUM + r")(?: eval_time:(" + NUM + r")ms)?\s*$"),
+    "calibration": re.compile(r"gptq:collected \d+ hessians from \d+ training batches in (" + NUM + r")ms"),
+    "train_plus_calibration": re.compile(r"train_plus_calibration_time:(" + NUM + r")ms"),
     "train_loss": re.compile(r"(\d+)/(\d+) train_loss: (" + NUM + r") train_time: "),
 }
 
@@ -491,6 +493,10 @@ def parse_log(path: str | Path) -> dict:
                 if g[3] is not None:
                     stage["eval_time_ms"] = _num(g[3])
                 log["stages"][STAGES[g[0]]] = stage
+            elif key == "calibration":
+                log["calibration_time_ms"] = _num(g[0])
+            elif key == "train_plus_calibration":
+                log["train_plus_calibration_time_ms"] = _num(g[0])
             elif key == "train_loss":
                 log["iterations"] = int(g[1])
             break
@@ -527,6 +533,23 @@ def check_budget(log: dict) -> None:
         raise PackError(f"{path}: total submission size {total} > {SIZE_LIMIT_BYTES} bytes")
     if total != log["model_bytes"] + log["code_bytes"]:
         raise PackError(f"{path}: total {total} != model {log['model_bytes']} + code {log['code_bytes']} bytes")
+
+
+RECORD_SECONDS = 600  # the record track: training plus GPTQ calibration within 10 minutes on 8 GPUs
+
+
+def check_record_time(log: dict) -> None:
+    """Refuse a record-track log (8 CUDA ranks) whose training plus calibration exceeds 600 s.
+    Logs from before the train_plus_calibration_time line are summed from their own lines."""
+    hardware = log.get("hardware") or ""
+    if "device:cuda" not in hardware or "world_size:8" not in hardware:
+        return
+    total = log.get("train_plus_calibration_time_ms")
+    if total is None and "train_time_ms" in log and "calibration_time_ms" in log:
+        total = log["train_time_ms"] + log["calibration_time_ms"]
+    if total is not None and total > 1000 * RECORD_SECONDS:
+        raise PackError(f"{log['path']}: training plus GPTQ calibration took {total / 1000:.1f}s, over the "
+                        f"{RECORD_SECONDS}s limit by {total / 1000 - RECORD_SECONDS:.1f}s")
 
 
 def check_consistent(logs: list[dict]) -> None:
@@ -757,6 +780,8 @@ def build_record(name: str, log_paths: list[Path], src: Path, packed_path: Path,
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
         raise PackError(f"record name {name!r}: use letters, digits, '.', '_', '+', '-'")
     logs = [parse_log(p) for p in log_paths]
+    for log in logs:
+        check_record_time(log)
     summary = summarize(logs, baseline_bpb, baseline_loss)
     code, packed = find_shipped_code(summary["code_sha256"], src, packed_path)
     readable = src.read_bytes() if packed else code

@@ -89,7 +89,7 @@ HPARAMS = (
     ("warmdown_frac", float, 0.72),
     ("min_lr", float, 0.0),
     ("max_wallclock_seconds", float, 600.0),
-    ("gptq_reserve_seconds", float, 12.0),
+    ("gptq_reserve_seconds", float, None),  # default: calibration time measured in the run, +25%
     ("val_loss_every", int, 4000),
     ("train_log_every", int, 500),
     ("matrix_lr", float, 0.022),
@@ -841,8 +841,13 @@ def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool) -> list[torc
 # TRAINING
 # The schedule runs on wall-clock time: frac = elapsed / (MAX_WALLCLOCK_SECONDS -
 # GPTQ_RESERVE_SECONDS), so warmdown and looping start at the same fraction of the budget
-# whatever the hardware's speed.
+# whatever the hardware's speed. The rule is training plus GPTQ calibration within the
+# limit: by default the reserve is one calibration batch timed before the clock starts,
+# times GPTQ_CALIBRATION_BATCHES, plus a margin, and training stops before a step that
+# would cross the cap. GPTQ_RESERVE_SECONDS=12 is the record's fixed reserve and stop rule.
 # -----------------------------------------------------------------------------
+
+RESERVE_MARGIN = 1.25
 
 
 def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
@@ -851,9 +856,10 @@ def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
     return 1.0
 
 
-def training_frac(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+def training_frac(h: Hyperparameters, step: int, elapsed_ms: float, reserve_s: float | None = None) -> float:
     if h.max_wallclock_seconds > 0:
-        return elapsed_ms / (1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds))
+        reserve_s = h.gptq_reserve_seconds if reserve_s is None else reserve_s
+        return elapsed_ms / (1000.0 * (h.max_wallclock_seconds - reserve_s))
     return step / max(h.iterations, 1)
 
 
@@ -937,13 +943,41 @@ def warm_up(h: Hyperparameters, trainer: Trainer, loader: ShuffledSequenceLoader
     trainer.rt.synchronize()
 
 
+def calibration_reserve_seconds(h: Hyperparameters, rt: Runtime, model: GPT, log: Logger) -> float:
+    """Time one GPTQ calibration batch as quantize_and_save() will run it (looping on, this
+    rank's training shards), before the clock starts; every rank takes the slowest rank's time."""
+    looping = model.looping_active
+    model.looping_active = h.num_loops > 0
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
+    rt.synchronize()
+    t0 = time.perf_counter()
+    collect_hessians(model, loader, 1, h.micro_batch_seqs, rt)
+    rt.synchronize()
+    per_batch = rt.all_reduce(torch.tensor([time.perf_counter() - t0], device=rt.device), dist.ReduceOp.MAX).item()
+    model.looping_active = looping
+    model.train()
+    reserve = RESERVE_MARGIN * per_batch * h.gptq_calibration_batches
+    log(f"gptq_reserve:auto calibration_batch:{1000 * per_batch:.0f}ms x {h.gptq_calibration_batches} batches "
+        f"x {RESERVE_MARGIN} margin = {1000 * reserve:.0f}ms")
+    if reserve >= h.max_wallclock_seconds:
+        raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no training time: GPTQ calibration "
+                         f"({h.gptq_calibration_batches} batches) needs about {reserve:.1f}s here")
+    return reserve
+
+
 def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, log: Logger) -> Trainer:
     loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size, h.vocab_size)
     trainer = Trainer(h, rt, model, log)
     warm_up(h, trainer, loader)
     loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
     tokens_per_step = h.micro_batch_seqs * h.train_seq_len * h.grad_accum_steps * h.world_size
-    cap_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else None
+    reserve_s, cap_ms = h.gptq_reserve_seconds, None
+    if h.max_wallclock_seconds > 0:
+        if reserve_s is None:
+            reserve_s = calibration_reserve_seconds(h, rt, model, log)
+        cap_ms = 1000.0 * (h.max_wallclock_seconds - reserve_s)
+    # The record stops after the step that crosses the cap; the measured reserve stops before it.
+    predictive = h.gptq_reserve_seconds is None
     training_ms, stop_after, step = 0.0, None, 0
     rt.synchronize()
     t0 = time.perf_counter()
@@ -961,7 +995,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         if last:
             break
         elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
-        frac = training_frac(h, step, elapsed_ms)
+        frac = training_frac(h, step, elapsed_ms, reserve_s)
         if h.num_loops > 0 and not model.looping_active and frac >= h.enable_looping_at:
             model.looping_active = True
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{model.encoder_indices} "
@@ -970,8 +1004,10 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         trainer.update_ema()
         step += 1
         approx_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
+        step_ms = approx_ms - elapsed_ms
         # One small all-reduce per step: every rank stops at the same step, and a NaN anywhere stops all.
-        flags = torch.stack([torch.tensor(float(cap_ms is not None and approx_ms >= cap_ms), device=rt.device),
+        over = cap_ms is not None and approx_ms + (step_ms if predictive else 0.0) >= cap_ms
+        flags = torch.stack([torch.tensor(float(over), device=rt.device),
                              (~torch.isfinite(loss)).float()])
         cap_hit, nonfinite = rt.all_reduce(flags, dist.ReduceOp.MAX).tolist()
         if nonfinite:
@@ -983,6 +1019,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
             stop_after = step
             log(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
     log(f"train_done steps:{step} train_time:{training_ms:.0f}ms")
+    trainer.training_ms = training_ms
     if rt.is_cuda:
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -1480,14 +1517,17 @@ def log_header(h: Hyperparameters, rt: Runtime, log: Logger, code: bytes) -> Non
         f"grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{h.micro_batch_seqs}")
 
 
-def quantize_and_save(h, rt, model, log, code_bytes: int) -> int:
+def quantize_and_save(h, rt, model, log, code_bytes: int, train_ms: float | None = None) -> int:
     """GPTQ-calibrate on training batches, write the artifact atomically; returns total bytes."""
     t0 = time.perf_counter()
     model.looping_active = h.num_loops > 0
     loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
     hessians = collect_hessians(model, loader, h.gptq_calibration_batches, h.micro_batch_seqs, rt)
+    calibration_ms = 1000 * (time.perf_counter() - t0)
     log(f"gptq:collected {len(hessians)} hessians from {h.gptq_calibration_batches} training batches "
-        f"in {1000 * (time.perf_counter() - t0):.0f}ms")
+        f"in {calibration_ms:.0f}ms")
+    if train_ms is not None:  # the quantity the 600 s rule limits
+        log(f"train_plus_calibration_time:{train_ms + calibration_ms:.0f}ms limit:{1000 * h.max_wallclock_seconds:.0f}ms")
     blob_bytes = 0
     if rt.is_main:
         t1 = time.perf_counter()
@@ -1544,7 +1584,7 @@ def main() -> int:
         loss, bpb, ms = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
         log(f"pre-quantization post-ema val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
         check_finite("pre-quantization post-ema", loss, bpb)
-        total = quantize_and_save(h, rt, model, log, len(code))
+        total = quantize_and_save(h, rt, model, log, len(code), trainer.training_ms)
         del model, trainer
     run_evaluations(h, rt, val_tokens, luts, log)
     status = 0

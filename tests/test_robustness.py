@@ -53,7 +53,7 @@ def tiny_main_env(tiny_env: dict, monkeypatch, tmp_path: Path, **changes) -> Non
     """train_gpt.main() in this process (no interpreter start-up) with the tiny run's settings."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    for k, v in dict(tiny_env, ITERATIONS="3", VAL_LOSS_EVERY="0", WARMUP_STEPS="0", **changes).items():
+    for k, v in {**tiny_env, "ITERATIONS": "3", "VAL_LOSS_EVERY": "0", "WARMUP_STEPS": "0", **changes}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
 
@@ -231,3 +231,90 @@ def test_eval_only_labels_the_blob_and_names_a_folder(case, tiny_env, tmp_path, 
     log = read_log(tmp_path, "evalonly")
     assert f"Serialized model quantized+lzma: {artifact.stat().st_size} bytes" in log
     assert "quantized+brotli" not in log
+
+
+# -----------------------------------------------------------------------------
+# The 600-second rule: training plus GPTQ calibration within MAX_WALLCLOCK_SECONDS
+# -----------------------------------------------------------------------------
+
+
+class FakeClock:
+    """train_gpt's clock: a training step takes 1 s and a calibration batch 0.5 s, whatever the
+    machine's load, so the schedule's arithmetic is tested exactly."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def clocked_run(tiny_env, tmp_path, monkeypatch, run_id: str, limit: str, **env) -> tuple[str, list[int]]:
+    clock, calibrations = FakeClock(), []
+    step, collect = train_gpt.Trainer.step, train_gpt.collect_hessians
+
+    def timed_step(self, *a):
+        clock.now += 1.0
+        return step(self, *a)
+
+    def timed_collect(model, loader, batches, *a):
+        calibrations.append(batches)
+        clock.now += 0.5 * batches
+        return collect(model, loader, batches, *a)
+
+    monkeypatch.setattr(train_gpt, "time", clock)
+    monkeypatch.setattr(train_gpt.Trainer, "step", timed_step)
+    monkeypatch.setattr(train_gpt, "collect_hessians", timed_collect)
+    monkeypatch.setattr(train_gpt, "evaluate_plain", lambda *a: (1.0, 1.0, 0.0))
+    monkeypatch.setattr(train_gpt, "run_evaluations", lambda *a: None)
+    tiny_main_env(tiny_env, monkeypatch, tmp_path, RUN_ID=run_id, ITERATIONS="1000", MAX_WALLCLOCK_SECONDS=limit,
+                  GPTQ_CALIBRATION_BATCHES="4", TRAIN_LOG_EVERY="0", TRAIN_BATCH_TOKENS="512", GRAD_ACCUM_STEPS="1",
+                  **env)
+    if "GPTQ_RESERVE_SECONDS" not in env:
+        monkeypatch.delenv("GPTQ_RESERVE_SECONDS", raising=False)
+    assert train_gpt.main() == 0
+    return read_log(tmp_path, run_id), calibrations
+
+
+def test_default_schedule_keeps_training_plus_calibration_within_the_limit(tiny_env, tmp_path, monkeypatch,
+                                                                          one_thread):
+    log, calibrations = clocked_run(tiny_env, tmp_path, monkeypatch, "auto", "10")
+    assert calibrations == [1, 4]  # one batch timed before the clock starts, then the real calibration
+    assert "gptq_reserve:auto calibration_batch:500ms x 4 batches x 1.25 margin = 2500ms" in log
+    # cap 10 - 2.5 = 7.5 s; after step 7 the next step would cross it, so training stops there.
+    assert "train_done steps:7 train_time:7000ms" in log
+    m = re.search(r"^train_plus_calibration_time:(\d+)ms limit:10000ms$", log, re.M)
+    assert m and int(m.group(1)) == 9000 <= 10000
+
+
+def test_fixed_reserve_of_12_reproduces_the_records_schedule(tiny_env, tmp_path, monkeypatch, one_thread):
+    log, calibrations = clocked_run(tiny_env, tmp_path, monkeypatch, "fixed", "20", GPTQ_RESERVE_SECONDS="12")
+    assert calibrations == [4] and "gptq_reserve:auto" not in log  # nothing measured, nothing changed
+    # The record's rule: frac = elapsed / (600 - 12), stop after the first step at or past the cap.
+    assert "stopping_early: wallclock_cap train_time:8000ms step:8/1000" in log
+    assert "train_done steps:8 train_time:8000ms" in log
+    assert "train_plus_calibration_time:10000ms limit:20000ms" in log
+    h = train_gpt.Hyperparameters(max_wallclock_seconds=600.0, gptq_reserve_seconds=12.0)
+    assert train_gpt.training_frac(h, 0, 294_000.0) == 0.5
+
+
+def record_track_log(tmp_path: Path, *extra: str) -> Path:
+    log = pack_log(tmp_path, seed=42)  # 8xH100 hardware line, train_done train_time:588012ms
+    log.write_text(log.read_text() + "".join(line + "\n" for line in extra))
+    return log
+
+
+def test_pack_record_refuses_a_log_over_600_seconds(tmp_path, capsys):
+    import pack
+
+    over = record_track_log(tmp_path, "gptq:collected 67 hessians from 64 training batches in 13100ms")
+    assert pack.main(["--record", "R", "--logs", str(over), "--out-dir", str(tmp_path / "records")]) == 1
+    assert "training plus GPTQ calibration took 601.1s, over the 600s limit by 1.1s" in capsys.readouterr().err
+    stated = record_track_log(tmp_path, "train_plus_calibration_time:600500ms limit:600000ms")
+    with pytest.raises(pack.PackError, match="over the 600s limit by 0.5s"):
+        pack.check_record_time(pack.parse_log(stated))
+    within = record_track_log(tmp_path, "gptq:collected 67 hessians from 64 training batches in 11000ms")
+    pack.check_record_time(pack.parse_log(within))
+    cpu = tmp_path / "cpu.txt"  # another track: no 600 s rule
+    cpu.write_text(over.read_text().replace("device:cuda gpu:NVIDIA H100 80GB HBM3 world_size:8", "device:cpu"))
+    pack.check_record_time(pack.parse_log(cpu))
