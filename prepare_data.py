@@ -84,6 +84,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_TOKENIZER_TRAIN_DOCS = 10_000
 DEMO_OUT_DIR = "./data_demo"
 DEMO_VOCAB_SIZE = 1024
+DEMO_TRAIN_SHARDS = 8  # one per rank of an 8-GPU torchrun: every rank needs a training shard
 
 # The challenge tokenizer's settings. Changing any of them
 # produces a tokenizer whose byte accounting differs from the record's.
@@ -980,8 +981,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", metavar="PATH", help="reuse this SentencePiece .model instead of training")
     parser.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS, metavar="N",
                         help="the first N documents form the validation split (default %(default)s)")
-    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
-                        help="at most N tokens per shard (default %(default)s)")
+    parser.add_argument("--shard-tokens", type=int, metavar="N",
+                        help=f"at most N tokens per shard (default {DEFAULT_SHARD_TOKENS}; --demo: small enough "
+                        f"for at least {DEMO_TRAIN_SHARDS} training shards)")
     parser.add_argument("--tokenizer-train-docs", type=int, default=DEFAULT_TOKENIZER_TRAIN_DOCS, metavar="K",
                         help="train the tokenizer on the first K training documents (default %(default)s)")
     parser.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
@@ -1044,11 +1046,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             docs = demo_documents()
             label = f"<demo: docstrings of the Python {sys.version.split()[0]} standard library>"
             sources = [_MemorySource(label, docs)]
+            if args.shard_tokens is None:
+                # A BPE token covers at most ~8 bytes on average, so bytes/8 is a lower bound on the
+                # training tokens: shards of an eighth of that give at least 8 of them.
+                train_bytes = sum(len(d.encode("utf-8")) for d in docs[args.val_docs:])
+                args.shard_tokens = max(1, train_bytes // 8 // DEMO_TRAIN_SHARDS)
             if not args.quiet:
                 n_bytes = sum(len(d.encode("utf-8")) for d in docs)
                 print(f"prepare_data: demo corpus: {len(docs):,} documents, {n_bytes:,} bytes", file=sys.stderr)
         else:
             sources = [_InputFile(p, args.format) for p in args.inputs]
+        if args.shard_tokens is None:
+            args.shard_tokens = DEFAULT_SHARD_TOKENS
         manifest = _prepare_sources(
             sources, out_dir, vocab_size=vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
             shard_tokens=args.shard_tokens, tokenizer_train_docs=args.tokenizer_train_docs,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import difflib
+import gc
 import glob
 import hashlib
 import io
@@ -116,6 +118,9 @@ HPARAMS = (
     ("embed_clip_sigmas", float, 20.0),
     ("compressor", str, "brotli"),
     ("size_limit_bytes", int, SIZE_LIMIT_BYTES),
+    # Longest a rank waits for the others (rank 0's GPTQ and compression is the longest
+    # legitimate wait); past it a stopped or dead peer fails the run instead of hanging it.
+    ("dist_timeout_seconds", float, 900.0),
     # evaluation
     ("eval_seq_len", int, 2048),
     ("eval_stride", int, 64),
@@ -207,6 +212,8 @@ class Hyperparameters:
                 and h.max_wallclock_seconds > 0:
             raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no training time after "
                              f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds} (set MAX_WALLCLOCK_SECONDS=0 for no limit)")
+        if h.dist_timeout_seconds <= 0:
+            raise ValueError(f"DIST_TIMEOUT_SECONDS={h.dist_timeout_seconds} must be > 0")
         if h.max_wallclock_seconds < 0:
             raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} must be >= 0 (0: no limit)")
         split = h.world_size * h.grad_accum_steps * h.train_seq_len
@@ -273,7 +280,8 @@ class Runtime:
             self.device = torch.device("cpu")
         self.is_cuda = self.device.type == "cuda"
         if h.distributed and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.is_cuda else "gloo", device_id=self.device if self.is_cuda else None)
+            dist.init_process_group(backend="nccl" if self.is_cuda else "gloo", device_id=self.device if self.is_cuda else None,
+                                    timeout=datetime.timedelta(seconds=h.dist_timeout_seconds))
         self.distributed = h.distributed
         self.compile = self.is_cuda if h.compile is None else h.compile
         if self.is_cuda:
@@ -297,6 +305,18 @@ class Runtime:
         if self.distributed:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
+
+    def close(self) -> None:
+        """Tear the process group down while the interpreter is whole. Every rank first finishes
+        every collective (the barrier); collecting garbage drops the last references to the group
+        (DDP keeps one), so its communication threads are joined here. Left to interpreter exit,
+        a thread still releasing a collective's tensor needs the GIL while Python is being torn
+        down, and the process aborts ("terminate called without an active exception")."""
+        if self.distributed and dist.is_initialized():
+            gc.collect()
+            dist.barrier()
+            dist.destroy_process_group()
+            gc.collect()
 
 
 class Logger:
@@ -433,7 +453,11 @@ class ShuffledSequenceLoader:
     def __init__(self, pattern: str, seq_len: int, rank: int, world_size: int, vocab_size: int | None = None):
         files = shard_files(pattern)[rank::world_size]
         if not files:
-            raise ValueError(f"rank {rank} of {world_size} has no training shard ({pattern})")
+            every = shard_files(pattern)
+            tokens = sum(len(read_shard(f)) for f in every)
+            raise ValueError(
+                f"rank {rank} of {world_size} has no training shard: {pattern} has {len(every)}, and each rank needs "
+                f"at least one; write smaller shards, e.g. prepare_data.py --shard-tokens {max(1, tokens // world_size)}")
         self.files, self.seq_len = files, seq_len
         self.tokens = [read_shard(f) for f in files]
         if vocab_size is not None:
@@ -1591,8 +1615,7 @@ def main() -> int:
     if total > h.size_limit_bytes:
         log(f"OVER BUDGET by {total - h.size_limit_bytes} bytes: total {total} > limit {h.size_limit_bytes}")
         status = 3
-    if rt.distributed:
-        dist.destroy_process_group()
+    rt.close()
     return status
 
 

@@ -318,3 +318,66 @@ def test_pack_record_refuses_a_log_over_600_seconds(tmp_path, capsys):
     cpu = tmp_path / "cpu.txt"  # another track: no 600 s rule
     cpu.write_text(over.read_text().replace("device:cuda gpu:NVIDIA H100 80GB HBM3 world_size:8", "device:cpu"))
     pack.check_record_time(pack.parse_log(cpu))
+
+
+# -----------------------------------------------------------------------------
+# Distributed runs
+# -----------------------------------------------------------------------------
+
+STOPPED_PEER = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch, train_gpt
+h = train_gpt.Hyperparameters()
+rt = train_gpt.Runtime(h)
+rt.all_reduce(torch.ones(1))  # both ranks alive and connected
+if rt.rank == 1:
+    os.kill(os.getpid(), signal.SIGSTOP)  # a stopped peer: alive, silent
+t0 = time.perf_counter()
+try:
+    rt.all_reduce(torch.ones(1))
+except RuntimeError as e:
+    print(f"rank {rt.rank} failed after {time.perf_counter() - t0:.0f}s: {e}", flush=True)
+    sys.exit(7)
+"""
+
+
+def test_stopped_peer_fails_the_run_after_dist_timeout_seconds(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "peer.py"
+    script.write_text(STOPPED_PEER)
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                                  DIST_TIMEOUT_SECONDS="3", OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    try:
+        out, _ = procs[0].communicate(timeout=120)  # without a timeout it waits forever
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 7, out
+    assert "rank 0 failed after" in out
+
+
+def test_rank_without_a_shard_is_told_how_to_fix_it(tiny_data):
+    pattern = str(Path(tiny_data["data_dir"]) / "datasets" / "fineweb10B_sp384" / "fineweb_train_*.bin")
+    with pytest.raises(ValueError, match=r"rank 3 of 4 has no training shard: .* has 3, .* "
+                                         r"prepare_data.py --shard-tokens \d+"):
+        train_gpt.ShuffledSequenceLoader(pattern, 128, 3, 4)
+
+
+def test_demo_data_has_a_training_shard_for_each_of_8_ranks(tmp_path):
+    import prepare_data
+
+    assert prepare_data.main(["--demo", "--vocab-size", "512", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    shards = sorted((tmp_path / "demo" / "datasets" / "fineweb10B_sp512").glob("fineweb_train_*.bin"))
+    assert len(shards) >= 8
+    for rank in range(8):  # every rank of an 8-process torchrun finds its shard
+        train_gpt.ShuffledSequenceLoader(str(shards[0].parent / "fineweb_train_*.bin"), 128, rank, 8)
