@@ -388,7 +388,11 @@ def load_tokenizer(h: Hyperparameters):
 
     if not os.path.isfile(h.tokenizer_path):
         raise FileNotFoundError(f"tokenizer not found: {h.tokenizer_path} (set DATA_DIR or TOKENIZER_PATH)")
-    return spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    try:
+        return spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    except RuntimeError as e:  # an empty or foreign file: SentencePiece's message names no file
+        size = os.path.getsize(h.tokenizer_path)
+        raise ValueError(f"{h.tokenizer_path} ({size} bytes) is not a SentencePiece model: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -1330,6 +1334,24 @@ def torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+def load_init_state(path: str) -> dict:
+    """INIT_STATE: a state dict as torch.save wrote it (final_model.pt), never an artifact."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"INIT_STATE={path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(len(XZ_MAGIC))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        hint = (" It is a compressed artifact (.ptz): evaluate it with EVAL_ONLY=1 QUANTIZED_MODEL_PATH=...;"
+                " INIT_STATE takes final_model.pt." if head == XZ_MAGIC or path.endswith(".ptz") else "")
+        raise ValueError(f"INIT_STATE={path} is not a state dict saved with torch.save (as final_model.pt is).{hint}") \
+            from None
+    if not isinstance(state, dict):
+        raise ValueError(f"INIT_STATE={path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 def load_quantized_model(h: Hyperparameters, rt: Runtime, path: str) -> GPT:
     """A fresh model holding the artifact's dequantized weights, looping on, as evaluated."""
     if not os.path.isfile(path):
@@ -1600,7 +1622,7 @@ def main() -> int:
     else:
         model = build_model(h, rt.device, rt.is_cuda)
         if h.init_state:
-            load_into_model(model, torch.load(h.init_state, map_location="cpu", weights_only=True), h.init_state)
+            load_into_model(model, load_init_state(h.init_state), h.init_state)
             log(f"init_state: {h.init_state}")
         log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         trainer = train(h, rt, model, val_tokens, luts, log)  # writes final_model.pt when training ends

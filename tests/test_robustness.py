@@ -381,3 +381,121 @@ def test_demo_data_has_a_training_shard_for_each_of_8_ranks(tmp_path):
     assert len(shards) >= 8
     for rank in range(8):  # every rank of an 8-process torchrun finds its shard
         train_gpt.ShuffledSequenceLoader(str(shards[0].parent / "fineweb_train_*.bin"), 128, rank, 8)
+
+
+# -----------------------------------------------------------------------------
+# Data preparation
+# -----------------------------------------------------------------------------
+
+
+def docs_jsonl(tiny_data, path: Path, n: int = 40) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_data["docs"][:n]), encoding="utf-8")
+    return path
+
+
+def prep_args(tiny_data, src: Path, out: Path, *extra: str) -> list[str]:
+    return [str(src), "--tokenizer", tiny_data["tokenizer_path"], "--val-docs", "3", "--out", str(out), "--quiet",
+            *extra]
+
+
+SIGTERM_MID_RUN = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import prepare_data
+build = prepare_data._build
+def build_then_terminated(*a, **k):
+    build(*a, **k)  # the staging folder is full: SIGTERM arrives before the final cleanup
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+prepare_data._build = build_then_terminated
+sys.exit(prepare_data.main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_removes_the_staging_folder(tiny_data, tmp_path):
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_MID_RUN)
+    out = tmp_path / "out"
+    args = prep_args(tiny_data, docs_jsonl(tiny_data, tmp_path / "d.jsonl"), out)
+    proc = subprocess.run([sys.executable, str(script), str(ROOT), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "stopped by signal 15" in proc.stderr, proc.stderr
+    assert list(out.glob(".prepare_data-*")) == []
+
+
+def test_stale_staging_folder_is_removed_at_start(tiny_data, tmp_path):
+    import prepare_data
+
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".prepare_data-{dead.stdout.strip()}-abcd1234"  # its process has exited
+    (stale / "datasets").mkdir(parents=True)
+    (stale / "datasets" / "big.bin").write_bytes(b"\0" * 4096)
+    assert prepare_data.main(prep_args(tiny_data, docs_jsonl(tiny_data, tmp_path / "d.jsonl"), out)) == 0
+    assert not stale.exists() and list(out.glob(".prepare_data-*")) == []
+
+
+def test_lone_surrogate_names_file_and_line(tiny_data, tmp_path):
+    import prepare_data
+
+    src = docs_jsonl(tiny_data, tmp_path / "d.jsonl", 5)
+    src.write_text(src.read_text() + '{"text": "fine until \\ud800 here"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=re.escape(f"{src}: line 6: \"text\" holds a lone surrogate '\\ud800'")):
+        prepare_data.main(prep_args(tiny_data, src, tmp_path / "out"))
+
+
+def test_second_vocab_size_does_not_overwrite_the_manifest(tiny_data, tmp_path):
+    import prepare_data
+
+    out = tmp_path / "out"
+    src = docs_jsonl(tiny_data, tmp_path / "d.jsonl")
+    assert prepare_data.main(prep_args(tiny_data, src, out)) == 0
+    manifest = (out / "manifest.json").read_text()
+    with pytest.raises(SystemExit, match=r"manifest.json already describes the vocab-384 dataset .*--overwrite"):
+        prepare_data.main([str(src), "--vocab-size", "300", "--val-docs", "3", "--out", str(out), "--quiet"])
+    assert (out / "manifest.json").read_text() == manifest
+    assert not (out / "datasets" / "fineweb10B_sp300").exists()
+
+
+def test_disk_full_names_the_path(tiny_data, tmp_path, monkeypatch):
+    import errno
+
+    import prepare_data
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare_data.os, "fdopen", FullDisk)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"writing .*fineweb_384_bpe\.model: No space left on device"):
+        prepare_data.main(prep_args(tiny_data, docs_jsonl(tiny_data, tmp_path / "d.jsonl"), out))
+
+
+def test_empty_tokenizer_is_named(tmp_path):
+    empty = tmp_path / "fineweb_384_bpe.model"
+    empty.write_bytes(b"")
+    h = train_gpt.Hyperparameters(tokenizer_path=str(empty), vocab_size=384)
+    with pytest.raises(ValueError, match=re.escape(f"{empty} (0 bytes) is not a SentencePiece model")):
+        train_gpt.load_tokenizer(h)
+
+
+@pytest.mark.parametrize("kind", ["ptz", "random"])
+def test_init_state_that_is_not_a_state_dict_is_named(kind, tmp_path):
+    import lzma
+
+    path = tmp_path / ("final_model.int6.ptz" if kind == "ptz" else "noise.pt")
+    path.write_bytes(lzma.compress(b"artifact") if kind == "ptz" else os.urandom(4096))
+    with pytest.raises(ValueError) as exc:
+        train_gpt.load_init_state(str(path))
+    assert f"INIT_STATE={path} is not a state dict saved with torch.save" in str(exc.value)
+    assert ("EVAL_ONLY=1" in str(exc.value)) == (kind == "ptz")
+    assert "weights_only" not in str(exc.value)
