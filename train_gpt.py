@@ -15,7 +15,6 @@ import contextlib
 import copy
 import datetime
 import difflib
-import gc
 import glob
 import hashlib
 import io
@@ -306,17 +305,20 @@ class Runtime:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
 
-    def close(self) -> None:
-        """Tear the process group down while the interpreter is whole. Every rank first finishes
-        every collective (the barrier); collecting garbage drops the last references to the group
-        (DDP keeps one), so its communication threads are joined here. Left to interpreter exit,
-        a thread still releasing a collective's tensor needs the GIL while Python is being torn
-        down, and the process aborts ("terminate called without an active exception")."""
-        if self.distributed and dist.is_initialized():
-            gc.collect()
-            dist.barrier()
-            dist.destroy_process_group()
-            gc.collect()
+    def close(self, status: int) -> int:
+        """End a distributed run: every rank finishes every collective (the barrier) before any
+        closes its connections, then the process leaves without interpreter finalization.
+        DistributedDataParallel keeps the process group referenced after destroy_process_group(),
+        so gloo's communication threads outlive it; at interpreter finalization a thread that
+        still needs the GIL aborts the process ("terminate called without an active exception")
+        after the run's work is done. Nothing is pending here: the log is written line by line."""
+        if not (self.distributed and dist.is_initialized()):
+            return status
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 class Logger:
@@ -1637,8 +1639,7 @@ def main() -> int:
     if total > h.size_limit_bytes:
         log(f"OVER BUDGET by {total - h.size_limit_bytes} bytes: total {total} > limit {h.size_limit_bytes}")
         status = 3
-    rt.close()
-    return status
+    return rt.close(status)
 
 
 if __name__ == "__main__":

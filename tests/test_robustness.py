@@ -499,3 +499,50 @@ def test_init_state_that_is_not_a_state_dict_is_named(kind, tmp_path):
     assert f"INIT_STATE={path} is not a state dict saved with torch.save" in str(exc.value)
     assert ("EVAL_ONLY=1" in str(exc.value)) == (kind == "ptz")
     assert "weights_only" not in str(exc.value)
+
+
+TEARDOWN = """
+import atexit, os, sys
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+import torch, train_gpt
+from test_robustness import tiny_h
+
+def threads_at_finalization():  # only runs if the interpreter finalizes
+    with open(sys.argv[2] + os.environ["RANK"], "w") as f:
+        f.write(str(len(os.listdir("/proc/self/task"))))
+
+atexit.register(threads_at_finalization)
+torch.set_num_threads(1)
+h = tiny_h()
+rt = train_gpt.Runtime(h)
+trainer = train_gpt.Trainer(h, rt, train_gpt.GPT(h), train_gpt.Logger(None))  # wraps the model in DDP
+x = torch.randint(0, h.vocab_size, (2, h.train_seq_len))
+trainer.fwd(x, x).backward()
+del trainer
+sys.exit(rt.close(0))
+"""
+
+
+def test_distributed_run_ends_without_gloo_threads_meeting_finalization(tmp_path):
+    """The cause of the intermittent rank SIGABRT at the end of two-rank runs: DDP keeps the process
+    group referenced, so gloo's threads outlive destroy_process_group() into interpreter
+    finalization, where one needing the GIL aborts the process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN)
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(tmp_path / "threads")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for r in range(2):
+        left = tmp_path / f"threads{r}"
+        assert not left.exists() or int(left.read_text()) == 1, f"rank {r}: {left.read_text()} threads at finalization"
