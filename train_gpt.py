@@ -1575,7 +1575,8 @@ def quantize_and_save(h, rt, model, log, code_bytes: int, train_ms: float | None
     log(f"gptq:collected {len(hessians)} hessians from {h.gptq_calibration_batches} training batches "
         f"in {calibration_ms:.0f}ms")
     if train_ms is not None:  # the quantity the 600 s rule limits
-        log(f"train_plus_calibration_time:{train_ms + calibration_ms:.0f}ms limit:{1000 * h.max_wallclock_seconds:.0f}ms")
+        limit = f" limit:{1000 * h.max_wallclock_seconds:.0f}ms" if h.max_wallclock_seconds > 0 else ""
+        log(f"train_plus_calibration_time:{train_ms + calibration_ms:.0f}ms{limit}")
     blob_bytes = 0
     if rt.is_main:
         t1 = time.perf_counter()
