@@ -328,6 +328,11 @@ STOPPED_PEER = """
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch, train_gpt
+# Both ranks ready before the group forms: under load, interpreter start-up alone can differ by
+# more than DIST_TIMEOUT_SECONDS, which also bounds the rendezvous.
+open(sys.argv[2] + os.environ["RANK"], "w").close()
+while not all(os.path.exists(sys.argv[2] + r) for r in "01"):
+    time.sleep(0.05)
 h = train_gpt.Hyperparameters()
 rt = train_gpt.Runtime(h)
 rt.all_reduce(torch.ones(1))  # both ranks alive and connected
@@ -351,10 +356,10 @@ def test_stopped_peer_fails_the_run_after_dist_timeout_seconds(tmp_path):
     script = tmp_path / "peer.py"
     script.write_text(STOPPED_PEER)
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                                                  DIST_TIMEOUT_SECONDS="3", OMP_NUM_THREADS="1"))
+    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(tmp_path / "ready")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), DIST_TIMEOUT_SECONDS="10", OMP_NUM_THREADS="1"))
              for r in range(2)]
     try:
         out, _ = procs[0].communicate(timeout=120)  # without a timeout it waits forever
