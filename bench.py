@@ -39,6 +39,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+NAME_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")  # a plain name: never a path, never hidden
+
+
+def bench_dir(name: str) -> Path:
+    """build/bench/NAME, which run_benchmark empties: NAME must be a plain name, so nothing outside
+    build/bench/ (the checkout, an earlier benchmark, an absolute path) can be deleted."""
+    if not NAME_RE.fullmatch(name):
+        raise SystemExit(f"bench.py: NAME {name!r} is not a plain name: use letters, digits, '.', '_', '+', '-', "
+                         "not starting with '.'")
+    base = (ROOT / "build" / "bench").resolve()
+    work = base / name
+    if work.resolve().parent != base:  # e.g. build/bench/NAME is a symlink out of build/bench/
+        raise SystemExit(f"bench.py: {work} resolves to {work.resolve()}, outside {base}")
+    return work
 
 
 def read_preset(path: Path) -> dict[str, str]:
@@ -457,13 +471,15 @@ def run_gpu_check(args) -> int:
 def run_benchmark(args) -> int:
     import pack
 
+    work = bench_dir(args.name)  # before anything else: a bad NAME costs nothing
     env = read_preset(Path(args.preset)) if args.preset else {}
     for item in args.set:
         key, _, value = item.partition("=")
         env[key] = value
     env.update(DATA_DIR=str(Path(args.data).resolve()), RUN_ID=args.name)
-    work = ROOT / "build" / "bench" / args.name
-    if work.exists():
+    if work.is_symlink():
+        work.unlink()
+    elif work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     env.setdefault("QUANTIZED_MODEL_PATH", str(work / "final_model.int6.ptz"))

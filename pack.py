@@ -484,6 +484,8 @@ LINE_RES = {
     "over_budget": re.compile(r"OVER BUDGET by (-?\d+) bytes"),
     "stage": re.compile(r"(" + "|".join(re.escape(s) for s in STAGES) + r") val_loss:(" + NUM + r") val_bpb:("
                         + NUM + r")(?: eval_time:(" + NUM + r")ms)?\s*$"),
+    "calibration": re.compile(r"gptq:collected \d+ hessians from \d+ training batches in (" + NUM + r")ms"),
+    "train_plus_calibration": re.compile(r"train_plus_calibration_time:(" + NUM + r")ms"),
     "train_loss": re.compile(r"(\d+)/(\d+) train_loss: (" + NUM + r") train_time: "),
 }
 
@@ -529,6 +531,10 @@ def parse_log(path: str | Path) -> dict:
                 if g[3] is not None:
                     stage["eval_time_ms"] = _num(g[3])
                 log["stages"][STAGES[g[0]]] = stage
+            elif key == "calibration":
+                log["calibration_time_ms"] = _num(g[0])
+            elif key == "train_plus_calibration":
+                log["train_plus_calibration_time_ms"] = _num(g[0])
             elif key == "train_loss":
                 log["iterations"] = int(g[1])
             break
@@ -546,6 +552,14 @@ def parse_log(path: str | Path) -> dict:
     log["seed"] = _num(log["hparams"]["SEED"])
     log["run_id"] = log["hparams"].get("RUN_ID")
     log["final_stage"] = next(s for s in FINAL_ORDER if s in log["stages"])
+    # A run killed mid-evaluation still has its earlier stages: the settings say which must be there.
+    for stage, switch in (("quantized_sliding_window", "SLIDING_WINDOW_ENABLED"), ("quantized_ttt", "TTT_ENABLED")):
+        if log["hparams"].get(switch, "").lower() in ("true", "1") and stage not in log["stages"]:
+            raise PackError(f"{path}: {switch} is on but there is no '{stage} val_loss:...' line; "
+                            "the run did not finish its evaluation")
+    for stage, values in log["stages"].items():
+        if not all(math.isfinite(v) for v in values.values()):
+            raise PackError(f"{path}: stage {stage} has a non-finite result {values}")
     return log
 
 
@@ -557,6 +571,23 @@ def check_budget(log: dict) -> None:
         raise PackError(f"{path}: total submission size {total} > {SIZE_LIMIT_BYTES} bytes")
     if total != log["model_bytes"] + log["code_bytes"]:
         raise PackError(f"{path}: total {total} != model {log['model_bytes']} + code {log['code_bytes']} bytes")
+
+
+RECORD_SECONDS = 600  # the record track: training plus GPTQ calibration within 10 minutes on 8 GPUs
+
+
+def check_record_time(log: dict) -> None:
+    """Refuse a record-track log (8 CUDA ranks) whose training plus calibration exceeds 600 s.
+    Logs from before the train_plus_calibration_time line are summed from their own lines."""
+    hardware = log.get("hardware") or ""
+    if "device:cuda" not in hardware or "world_size:8" not in hardware:
+        return
+    total = log.get("train_plus_calibration_time_ms")
+    if total is None and "train_time_ms" in log and "calibration_time_ms" in log:
+        total = log["train_time_ms"] + log["calibration_time_ms"]
+    if total is not None and total > 1000 * RECORD_SECONDS:
+        raise PackError(f"{log['path']}: training plus GPTQ calibration took {total / 1000:.1f}s, over the "
+                        f"{RECORD_SECONDS}s limit by {total / 1000 - RECORD_SECONDS:.1f}s")
 
 
 def check_consistent(logs: list[dict]) -> None:
@@ -787,6 +818,8 @@ def build_record(name: str, log_paths: list[Path], src: Path, packed_path: Path,
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
         raise PackError(f"record name {name!r}: use letters, digits, '.', '_', '+', '-'")
     logs = [parse_log(p) for p in log_paths]
+    for log in logs:
+        check_record_time(log)
     summary = summarize(logs, baseline_bpb, baseline_loss)
     code, packed = find_shipped_code(summary["code_sha256"], src, packed_path)
     readable = src.read_bytes() if packed else code
@@ -808,7 +841,7 @@ def build_record(name: str, log_paths: list[Path], src: Path, packed_path: Path,
             shutil.copyfile(log["path"], tmp / f"train_seed{log['seed']}.log")
         for run in record["runs"]:
             run["log"] = f"train_seed{run['seed']}.log"
-        (tmp / "submission.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (tmp / "submission.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(readme(name, date, summary, packed), encoding="utf-8")
         requirements = ROOT / "requirements.txt"
         if requirements.is_file():
@@ -937,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.summary:
             summary = summarize([parse_log(p) for p in found_logs(args.summary)], args.baseline_bpb, args.baseline_loss)
-            atomic_write(args.out_json, (json.dumps(summary, indent=2) + "\n").encode())
+            atomic_write(args.out_json, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
             print(f"wrote {args.out_json}: val_bpb {summary['val_bpb']:.5f} over {summary['n_seeds']} seed(s) "
                   f"on {summary['hardware']}")
             return 0
@@ -949,6 +982,9 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write(args.out, result.wrapped)
         print(result.report(args.out))
         if args.artifact:
+            if not os.path.isfile(args.artifact):
+                raise PackError(f"--artifact {args.artifact}: " + (
+                    "is a folder, not a model blob" if os.path.isdir(args.artifact) else "no such file"))
             blob = (os.path.getsize(args.artifact), args.artifact)
         else:
             blob = largest_blob_in_logs(args.logs or ["logs"])

@@ -56,6 +56,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_TOKENIZER_TRAIN_DOCS = 10_000
 DEMO_OUT_DIR = "./data_demo"
 DEMO_VOCAB_SIZE = 1024
+DEMO_TRAIN_SHARDS = 8  # one per rank of an 8-GPU torchrun: every rank needs a training shard
 
 # The challenge tokenizer's settings. Changing any of them
 # produces a tokenizer whose byte accounting differs from the record's.
@@ -226,11 +228,13 @@ def _atomic_write_bytes(path: Path, *chunks: bytes) -> None:
             for chunk in chunks:
                 fh.write(chunk)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. a full disk: say where
+            raise OSError(exc.errno, f"writing {path}: {exc.strerror or exc}") from None
         raise
 
 
@@ -342,6 +346,11 @@ class _InputFile:
             raise ValueError(f"{where}: JSON object has no \"text\" field (keys: {sorted(obj)[:5]})")
         if not isinstance(obj["text"], str):
             raise ValueError(f"{where}: \"text\" must be a string, got {type(obj['text']).__name__}")
+        try:
+            obj["text"].encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's \ud800 escapes decode to text no encoder accepts
+            raise ValueError(f"{where}: \"text\" holds a lone surrogate {obj['text'][exc.start]!r} at character "
+                             f"{exc.start + 1}, which is not Unicode text") from None
         return obj["text"]
 
 
@@ -761,7 +770,8 @@ def _prepare_sources(
     out_dir.mkdir(parents=True, exist_ok=True)
     # The staging directory lives inside out_dir so the final moves are renames
     # on one filesystem; it is removed whatever happens.
-    staging = Path(tempfile.mkdtemp(prefix=".prepare_data-", dir=out_dir))
+    _remove_stale_staging(out_dir, quiet)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
     try:
         manifest = _build(
             sources, out_dir, staging, vocab_size=vocab_size, tokenizer=tokenizer,
@@ -780,6 +790,30 @@ def _prepare_sources(
     return manifest
 
 
+STAGING_PREFIX = ".prepare_data-"
+
+
+def _remove_stale_staging(out_dir: Path, quiet: bool) -> None:
+    """A run killed by SIGKILL (or before this cleanup existed) leaves its hidden staging folder
+    behind: remove those whose process is gone; name, and keep, any whose owner is unknown."""
+    for folder in sorted(out_dir.glob(f"{STAGING_PREFIX}*")):
+        pid = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            print(f"prepare_data: {folder} is a staging folder left by an earlier run; delete it if none is running",
+                  file=sys.stderr)
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its run is still going
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a live process of another user
+        shutil.rmtree(folder, ignore_errors=True)
+        if not quiet:
+            print(f"prepare_data: removed {folder}, left by a run that was killed", file=sys.stderr)
+
+
 def _destinations(out_dir: Path, vocab: int) -> dict[str, Path]:
     return {
         "dataset": out_dir / "datasets" / f"fineweb10B_sp{vocab}",
@@ -793,6 +827,15 @@ def _check_no_conflict(dest: dict[str, Path], model_bytes: bytes | None, overwri
     """Refuse to replace existing data unless asked to (model_bytes None: dataset only)."""
     if overwrite:
         return
+    if dest["manifest"].exists():
+        try:
+            other = json.loads(dest["manifest"].read_text(encoding="utf-8"))["tokenizer"]["vocab_size"]
+        except (ValueError, KeyError, TypeError, OSError):
+            other = None
+        if other != int(dest["dataset"].name.rsplit("sp", 1)[1]):
+            raise ValueError(
+                f"{dest['manifest']} already describes " + (f"the vocab-{other} dataset" if other else "another dataset")
+                + " (one manifest per data folder); use another --out, or pass --overwrite to replace the manifest")
     if dest["dataset"].exists() and any(dest["dataset"].iterdir()):
         raise ValueError(f"{dest['dataset']} already exists; pass --overwrite (overwrite=True) to replace it")
     if model_bytes is not None and dest["model"].exists() and dest["model"].read_bytes() != model_bytes:
@@ -980,8 +1023,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", metavar="PATH", help="reuse this SentencePiece .model instead of training")
     parser.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS, metavar="N",
                         help="the first N documents form the validation split (default %(default)s)")
-    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
-                        help="at most N tokens per shard (default %(default)s)")
+    parser.add_argument("--shard-tokens", type=int, metavar="N",
+                        help=f"at most N tokens per shard (default {DEFAULT_SHARD_TOKENS}; --demo: small enough "
+                        f"for at least {DEMO_TRAIN_SHARDS} training shards)")
     parser.add_argument("--tokenizer-train-docs", type=int, default=DEFAULT_TOKENIZER_TRAIN_DOCS, metavar="K",
                         help="train the tokenizer on the first K training documents (default %(default)s)")
     parser.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
@@ -1035,6 +1079,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out or DEMO_OUT_DIR)
     vocab_size = args.vocab_size
     t0 = time.monotonic()
+
+    def stop(signum, frame):  # SIGTERM unwinds like Ctrl-C, so the staging folder is removed
+        raise SystemExit(f"prepare_data.py: stopped by signal {signum} while preparing {out_dir}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return _run(args, out_dir, vocab_size, t0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args, out_dir: Path, vocab_size: int | None, t0: float) -> int:
     try:
         if args.demo:
             if vocab_size is None and args.tokenizer is None:
@@ -1044,11 +1100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             docs = demo_documents()
             label = f"<demo: docstrings of the Python {sys.version.split()[0]} standard library>"
             sources = [_MemorySource(label, docs)]
+            if args.shard_tokens is None:
+                # A BPE token covers at most ~8 bytes on average, so bytes/8 is a lower bound on the
+                # training tokens: shards of an eighth of that give at least 8 of them.
+                train_bytes = sum(len(d.encode("utf-8")) for d in docs[args.val_docs:])
+                args.shard_tokens = max(1, train_bytes // 8 // DEMO_TRAIN_SHARDS)
             if not args.quiet:
                 n_bytes = sum(len(d.encode("utf-8")) for d in docs)
                 print(f"prepare_data: demo corpus: {len(docs):,} documents, {n_bytes:,} bytes", file=sys.stderr)
         else:
             sources = [_InputFile(p, args.format) for p in args.inputs]
+        if args.shard_tokens is None:
+            args.shard_tokens = DEFAULT_SHARD_TOKENS
         manifest = _prepare_sources(
             sources, out_dir, vocab_size=vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
             shard_tokens=args.shard_tokens, tokenizer_train_docs=args.tokenizer_train_docs,

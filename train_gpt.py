@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
+import difflib
 import glob
 import hashlib
 import io
@@ -91,7 +93,7 @@ HPARAMS = (
     ("warmdown_frac", float, 0.72),
     ("min_lr", float, 0.0),
     ("max_wallclock_seconds", float, 600.0),
-    ("gptq_reserve_seconds", float, 12.0),
+    ("gptq_reserve_seconds", float, None),  # default: calibration time measured in the run, +25%
     ("val_loss_every", int, 4000),
     ("train_log_every", int, 500),
     ("matrix_lr", float, 0.022),
@@ -118,6 +120,9 @@ HPARAMS = (
     ("embed_clip_sigmas", float, 20.0),
     ("compressor", str, "brotli"),
     ("size_limit_bytes", int, SIZE_LIMIT_BYTES),
+    # Longest a rank waits for the others (rank 0's GPTQ and compression is the longest
+    # legitimate wait); past it a stopped or dead peer fails the run instead of hanging it.
+    ("dist_timeout_seconds", float, 900.0),
     # evaluation
     ("eval_seq_len", int, 2048),
     ("eval_stride", int, 64),
@@ -160,6 +165,12 @@ class Hyperparameters:
             setattr(self, name, value)
         if overrides:
             raise TypeError(f"unknown Hyperparameters: {sorted(overrides)}")
+        # A misspelt setting (NUM_LAYER=3) would be silently ignored: name the setting it resembles.
+        known = [name.upper() for name, _, _ in HPARAMS]
+        self.env_warnings = [
+            f"environment variable {k}={os.environ[k]!r} is not a setting; did you mean {close[0]}?"
+            for k in sorted(os.environ) if k not in known
+            for close in [difflib.get_close_matches(k, known, n=1, cutoff=0.8)] if close]
         # torchrun's variables decide the process layout; they are not knobs. A stray WORLD_SIZE
         # without RANK is ignored rather than splitting work across ranks that do not exist.
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -194,6 +205,27 @@ class Hyperparameters:
             raise ValueError(f"WORLD_SIZE={h.world_size} must divide 8 (the record's 8-way batch split)")
         if h.grad_accum_steps < 1:
             raise ValueError(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must be >= 1")
+        # Zero or negative, these divide by zero, loop forever or train forever at lr 0.
+        for name in ("num_heads", "num_kv_heads", "train_seq_len", "eval_seq_len", "eval_stride", "eval_batch_seqs",
+                     "ttt_chunk_tokens", "ttt_batch_seqs", "gptq_calibration_batches", "train_batch_tokens"):
+            if getattr(h, name) <= 0:
+                raise ValueError(f"{name.upper()}={getattr(h, name)} must be > 0")
+        if h.iterations < 0:
+            raise ValueError(f"ITERATIONS={h.iterations} must be >= 0")
+        if h.gptq_reserve_seconds is not None and not 0 <= h.gptq_reserve_seconds < h.max_wallclock_seconds \
+                and h.max_wallclock_seconds > 0:
+            raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no training time after "
+                             f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds} (set MAX_WALLCLOCK_SECONDS=0 for no limit)")
+        if h.dist_timeout_seconds <= 0:
+            raise ValueError(f"DIST_TIMEOUT_SECONDS={h.dist_timeout_seconds} must be > 0")
+        if h.max_wallclock_seconds < 0:
+            raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} must be >= 0 (0: no limit)")
+        split = h.world_size * h.grad_accum_steps * h.train_seq_len
+        if h.train_batch_tokens % split:
+            raise ValueError(
+                f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of WORLD_SIZE={h.world_size} x "
+                f"GRAD_ACCUM_STEPS={h.grad_accum_steps} x TRAIN_SEQ_LEN={h.train_seq_len} = {split}: the batch "
+                f"would be rounded down to {h.micro_batch_seqs * split} tokens")
         if h.model_dim % h.num_heads != 0:
             raise ValueError(f"NUM_HEADS={h.num_heads} must divide MODEL_DIM={h.model_dim}")
         if h.num_heads % h.num_kv_heads != 0:
@@ -252,7 +284,8 @@ class Runtime:
             self.device = torch.device("cpu")
         self.is_cuda = self.device.type == "cuda"
         if h.distributed and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.is_cuda else "gloo", device_id=self.device if self.is_cuda else None)
+            dist.init_process_group(backend="nccl" if self.is_cuda else "gloo", device_id=self.device if self.is_cuda else None,
+                                    timeout=datetime.timedelta(seconds=h.dist_timeout_seconds))
         self.distributed = h.distributed
         self.compile = self.is_cuda if h.compile is None else h.compile
         if self.compile:
@@ -281,6 +314,21 @@ class Runtime:
         if self.distributed:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
+
+    def close(self, status: int) -> int:
+        """End a distributed run: every rank finishes every collective (the barrier) before any
+        closes its connections, then the process leaves without interpreter finalization.
+        DistributedDataParallel keeps the process group referenced after destroy_process_group(),
+        so gloo's communication threads outlive it; at interpreter finalization a thread that
+        still needs the GIL aborts the process ("terminate called without an active exception")
+        after the run's work is done. Nothing is pending here: the log is written line by line."""
+        if not (self.distributed and dist.is_initialized()):
+            return status
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 class Logger:
@@ -352,7 +400,11 @@ def load_tokenizer(h: Hyperparameters):
 
     if not os.path.isfile(h.tokenizer_path):
         raise FileNotFoundError(f"tokenizer not found: {h.tokenizer_path} (set DATA_DIR or TOKENIZER_PATH)")
-    return spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    try:
+        return spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    except RuntimeError as e:  # an empty or foreign file: SentencePiece's message names no file
+        size = os.path.getsize(h.tokenizer_path)
+        raise ValueError(f"{h.tokenizer_path} ({size} bytes) is not a SentencePiece model: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -389,26 +441,44 @@ def shard_files(pattern: str) -> list[str]:
     return files
 
 
+def check_token_ids(tokens: np.ndarray, path: str, vocab_size: int) -> None:
+    """A shard of another vocabulary would crash the embedding lookup at whatever step first
+    draws the bad id, hours in: check each shard once, when it is opened."""
+    top = int(tokens.max()) if tokens.size else 0
+    if top >= vocab_size:
+        raise ValueError(f"shard {path} holds token id {top} >= VOCAB_SIZE={vocab_size} "
+                         "(written with another tokenizer?)")
+
+
 def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tensor:
-    tokens = np.concatenate([np.asarray(read_shard(f)) for f in shard_files(pattern)])
+    shards = []
+    for f in shard_files(pattern):
+        shards.append(np.asarray(read_shard(f)))
+        check_token_ids(shards[-1], f, vocab_size)
+    tokens = np.concatenate(shards)
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
         raise ValueError(f"validation split {pattern} has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
     tokens = tokens[: usable + 1]
-    if int(tokens.max()) >= vocab_size:
-        raise ValueError(f"validation shards hold token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
     return torch.from_numpy(tokens.astype(np.int64))
 
 
 class ShuffledSequenceLoader:
     """Draws TRAIN_SEQ_LEN+1 token windows from this rank's shards without replacement."""
 
-    def __init__(self, pattern: str, seq_len: int, rank: int, world_size: int):
+    def __init__(self, pattern: str, seq_len: int, rank: int, world_size: int, vocab_size: int | None = None):
         files = shard_files(pattern)[rank::world_size]
         if not files:
-            raise ValueError(f"rank {rank} of {world_size} has no training shard ({pattern})")
+            every = shard_files(pattern)
+            tokens = sum(len(read_shard(f)) for f in every)
+            raise ValueError(
+                f"rank {rank} of {world_size} has no training shard: {pattern} has {len(every)}, and each rank needs "
+                f"at least one; write smaller shards, e.g. prepare_data.py --shard-tokens {max(1, tokens // world_size)}")
         self.files, self.seq_len = files, seq_len
         self.tokens = [read_shard(f) for f in files]
+        if vocab_size is not None:
+            for f, toks in zip(files, self.tokens):
+                check_token_ids(toks, f, vocab_size)
         self.rng = np.random.Generator(np.random.PCG64(rank))
         self.starts: list[list[int]] = [[] for _ in files]
         self._reset_all()
@@ -1039,8 +1109,13 @@ def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool, compile: boo
 # TRAINING
 # The schedule runs on wall-clock time: frac = elapsed / (MAX_WALLCLOCK_SECONDS -
 # GPTQ_RESERVE_SECONDS), so warmdown and looping start at the same fraction of the budget
-# whatever the hardware's speed.
+# whatever the hardware's speed. The rule is training plus GPTQ calibration within the
+# limit: by default the reserve is one calibration batch timed before the clock starts,
+# times GPTQ_CALIBRATION_BATCHES, plus a margin, and training stops before a step that
+# would cross the cap. GPTQ_RESERVE_SECONDS=12 is the record's fixed reserve and stop rule.
 # -----------------------------------------------------------------------------
+
+RESERVE_MARGIN = 1.25
 
 
 def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
@@ -1049,9 +1124,10 @@ def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
     return 1.0
 
 
-def training_frac(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+def training_frac(h: Hyperparameters, step: int, elapsed_ms: float, reserve_s: float | None = None) -> float:
     if h.max_wallclock_seconds > 0:
-        return elapsed_ms / (1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds))
+        reserve_s = h.gptq_reserve_seconds if reserve_s is None else reserve_s
+        return elapsed_ms / (1000.0 * (h.max_wallclock_seconds - reserve_s))
     return step / max(h.iterations, 1)
 
 
@@ -1135,12 +1211,41 @@ def warm_up(h: Hyperparameters, trainer: Trainer, loader: ShuffledSequenceLoader
     trainer.rt.synchronize()
 
 
+def calibration_reserve_seconds(h: Hyperparameters, rt: Runtime, model: GPT, log: Logger) -> float:
+    """Time one GPTQ calibration batch as quantize_and_save() will run it (looping on, this
+    rank's training shards), before the clock starts; every rank takes the slowest rank's time."""
+    looping = model.looping_active
+    model.looping_active = h.num_loops > 0
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
+    rt.synchronize()
+    t0 = time.perf_counter()
+    collect_hessians(model, loader, 1, h.micro_batch_seqs, rt)
+    rt.synchronize()
+    per_batch = rt.all_reduce(torch.tensor([time.perf_counter() - t0], device=rt.device), dist.ReduceOp.MAX).item()
+    model.looping_active = looping
+    model.train()
+    reserve = RESERVE_MARGIN * per_batch * h.gptq_calibration_batches
+    log(f"gptq_reserve:auto calibration_batch:{1000 * per_batch:.0f}ms x {h.gptq_calibration_batches} batches "
+        f"x {RESERVE_MARGIN} margin = {1000 * reserve:.0f}ms")
+    if reserve >= h.max_wallclock_seconds:
+        raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no training time: GPTQ calibration "
+                         f"({h.gptq_calibration_batches} batches) needs about {reserve:.1f}s here")
+    return reserve
+
+
 def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, log: Logger) -> Trainer:
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size, h.vocab_size)
     trainer = Trainer(h, rt, model, log)
-    warm_up(h, trainer, ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size))
+    warm_up(h, trainer, loader)
     loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
     tokens_per_step = h.micro_batch_seqs * h.train_seq_len * h.grad_accum_steps * h.world_size
-    cap_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else None
+    reserve_s, cap_ms = h.gptq_reserve_seconds, None
+    if h.max_wallclock_seconds > 0:
+        if reserve_s is None:
+            reserve_s = calibration_reserve_seconds(h, rt, model, log)
+        cap_ms = 1000.0 * (h.max_wallclock_seconds - reserve_s)
+    # The record stops after the step that crosses the cap; the measured reserve stops before it.
+    predictive = h.gptq_reserve_seconds is None
     training_ms, stop_after, step = 0.0, None, 0
     rt.synchronize()
     t0 = time.perf_counter()
@@ -1149,6 +1254,8 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.synchronize()
             training_ms += 1000.0 * (time.perf_counter() - t0)
+            if last:
+                save_final_model(model, trainer.ema, rt, log)  # on disk before anything evaluates
             val_loss, val_bpb, _ = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
             log(f"{step}/{h.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
             rt.synchronize()
@@ -1156,7 +1263,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         if last:
             break
         elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
-        frac = training_frac(h, step, elapsed_ms)
+        frac = training_frac(h, step, elapsed_ms, reserve_s)
         if h.num_loops > 0 and not model.looping_active and frac >= h.enable_looping_at:
             model.looping_active = True
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{model.encoder_indices} "
@@ -1165,8 +1272,10 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         trainer.update_ema()
         step += 1
         approx_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
+        step_ms = approx_ms - elapsed_ms
         # One small all-reduce per step: every rank stops at the same step, and a NaN anywhere stops all.
-        flags = torch.stack([torch.tensor(float(cap_ms is not None and approx_ms >= cap_ms), device=rt.device),
+        over = cap_ms is not None and approx_ms + (step_ms if predictive else 0.0) >= cap_ms
+        flags = torch.stack([torch.tensor(float(over), device=rt.device),
                              (~torch.isfinite(loss)).float()])
         cap_hit, nonfinite = rt.all_reduce(flags, dist.ReduceOp.MAX).tolist()
         if nonfinite:
@@ -1178,6 +1287,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
             stop_after = step
             log(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
     log(f"train_done steps:{step} train_time:{training_ms:.0f}ms")
+    trainer.training_ms = training_ms
     if rt.is_cuda:
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -1185,6 +1295,15 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
     load_into_model(model, trainer.ema, "EMA")
     log_weights_checksum(model, rt, log)
     return trainer
+
+
+def save_final_model(model: GPT, ema: dict, rt: Runtime, log: Logger) -> None:
+    """final_model.pt: the EMA weights in the model's dtypes, written the moment training ends,
+    so a crash in any evaluation after it never loses a finished run."""
+    if rt.is_main:
+        state = {k: ema[k].reshape(v.shape).to(v.dtype) for k, v in model.state_dict().items()}
+        atomic_write("final_model.pt", torch_bytes(state))
+        log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes (final_model.pt, EMA weights)")
 
 
 def log_weights_checksum(model: nn.Module, rt: Runtime, log: Logger) -> None:
@@ -1457,6 +1576,24 @@ def torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+def load_init_state(path: str) -> dict:
+    """INIT_STATE: a state dict as torch.save wrote it (final_model.pt), never an artifact."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"INIT_STATE={path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(len(XZ_MAGIC))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        hint = (" It is a compressed artifact (.ptz): evaluate it with EVAL_ONLY=1 QUANTIZED_MODEL_PATH=...;"
+                " INIT_STATE takes final_model.pt." if head == XZ_MAGIC or path.endswith(".ptz") else "")
+        raise ValueError(f"INIT_STATE={path} is not a state dict saved with torch.save (as final_model.pt is).{hint}") \
+            from None
+    if not isinstance(state, dict):
+        raise ValueError(f"INIT_STATE={path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 def load_quantized_model(h: Hyperparameters, rt: Runtime, path: str) -> GPT:
     """A fresh model holding the artifact's dequantized weights, looping on, as evaluated."""
     if not os.path.isfile(path):
@@ -1647,7 +1784,14 @@ def run_evaluations(h, rt, val_tokens, luts, log) -> None:
         kwargs = {} if fn is evaluate_plain else {"log": log}
         loss, bpb, ms = fn(h, rt, maybe_compile(model, rt), val_tokens, luts, **kwargs)
         log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
+        check_finite(label, loss, bpb)
         del model
+
+
+def check_finite(label: str, loss: float, bpb: float) -> None:
+    """A NaN result (TTT diverging, say) must fail the run, not pass as a score."""
+    if not (math.isfinite(loss) and math.isfinite(bpb)):
+        raise FloatingPointError(f"{label} evaluation gave val_loss {loss}, val_bpb {bpb}: not a result")
 
 
 # -----------------------------------------------------------------------------
@@ -1667,11 +1811,13 @@ def log_header(h: Hyperparameters, rt: Runtime, log: Logger, code: bytes) -> Non
         + (f" cuda:{torch.version.cuda}" if rt.is_cuda else ""))
     for name, value in h.items():
         log(f"hparam:{name}={value}", console=False)
+    for warning in h.env_warnings:
+        log(f"WARNING: {warning}")
     log(f"attention:{'flash_attn_3' if FLASH_ATTN_FUNC is not None else 'sdpa'} compile:{int(rt.compile)} "
         f"grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{h.micro_batch_seqs}")
 
 
-def quantize_and_save(h, rt, model, log, code_bytes: int) -> int:
+def quantize_and_save(h, rt, model, log, code_bytes: int, train_ms: float | None = None) -> int:
     """GPTQ-calibrate on training batches, write the artifact atomically; returns total bytes."""
     t0 = time.perf_counter()
     model.looping_active = h.num_loops > 0
@@ -1682,8 +1828,12 @@ def quantize_and_save(h, rt, model, log, code_bytes: int) -> int:
         loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
         hessians = collect_hessians(model, loader, h.gptq_calibration_batches, h.micro_batch_seqs, rt,
                                     all_ranks=h.gptq_hessian_all_ranks)
+    calibration_ms = 1000 * (time.perf_counter() - t0)
     log(f"gptq:collected {len(hessians)} hessians from {h.gptq_calibration_batches} training batches "
-        f"in {1000 * (time.perf_counter() - t0):.0f}ms")
+        f"in {calibration_ms:.0f}ms")
+    if train_ms is not None:  # the quantity the 600 s rule limits
+        limit = f" limit:{1000 * h.max_wallclock_seconds:.0f}ms" if h.max_wallclock_seconds > 0 else ""
+        log(f"train_plus_calibration_time:{train_ms + calibration_ms:.0f}ms{limit}")
     blob_bytes = 0
     if rt.is_main:
         t1 = time.perf_counter()
@@ -1717,36 +1867,37 @@ def main() -> int:
     log(f"val_tokens:{val_tokens.numel() - 1} train_shards:{len(shard_files(h.train_files))}")
 
     if h.eval_only:
+        if os.path.isdir(h.quantized_model_path):
+            raise IsADirectoryError(f"EVAL_ONLY=1 but QUANTIZED_MODEL_PATH={h.quantized_model_path} is a folder, "
+                                    "not an artifact file")
         if not os.path.isfile(h.quantized_model_path):
             raise FileNotFoundError(f"EVAL_ONLY=1 but the artifact {h.quantized_model_path} does not exist")
         blob_bytes = os.path.getsize(h.quantized_model_path)
+        with open(h.quantized_model_path, "rb") as f:  # label the blob by what it is, not by COMPRESSOR
+            compressor = "lzma" if f.read(len(XZ_MAGIC)) == XZ_MAGIC else "brotli"
         log(f"eval_only: {h.quantized_model_path}")
-        log(f"Serialized model quantized+{h.compressor}: {blob_bytes} bytes")
-        log(f"Total submission size quantized+{h.compressor}: {blob_bytes + len(code)} bytes")
+        log(f"Serialized model quantized+{compressor}: {blob_bytes} bytes")
+        log(f"Total submission size quantized+{compressor}: {blob_bytes + len(code)} bytes")
         total = blob_bytes + len(code)
     else:
         model = build_model(h, rt.device, rt.is_cuda)
         if h.init_state:
-            load_into_model(model, torch.load(h.init_state, map_location="cpu", weights_only=True), h.init_state)
+            load_into_model(model, load_init_state(h.init_state), h.init_state)
             log(f"init_state: {h.init_state}")
         log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-        trainer = train(h, rt, model, val_tokens, luts, log)
-        if rt.is_main:
-            atomic_write("final_model.pt", torch_bytes(model.state_dict()))
-            log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes (final_model.pt, EMA weights)")
+        trainer = train(h, rt, model, val_tokens, luts, log)  # writes final_model.pt when training ends
         model.looping_active = h.num_loops > 0
         loss, bpb, ms = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
         log(f"pre-quantization post-ema val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
-        total = quantize_and_save(h, rt, model, log, len(code))
+        check_finite("pre-quantization post-ema", loss, bpb)
+        total = quantize_and_save(h, rt, model, log, len(code), trainer.training_ms)
         del model, trainer
     run_evaluations(h, rt, val_tokens, luts, log)
     status = 0
     if total > h.size_limit_bytes:
         log(f"OVER BUDGET by {total - h.size_limit_bytes} bytes: total {total} > limit {h.size_limit_bytes}")
         status = 3
-    if rt.distributed:
-        dist.destroy_process_group()
-    return status
+    return rt.close(status)
 
 
 if __name__ == "__main__":

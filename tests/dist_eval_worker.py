@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 TESTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS.parent), str(TESTS)]
@@ -28,9 +27,7 @@ def main(out_dir: str) -> None:
     result = test_eval.sliding_and_ttt(h, rt, **test_eval.DIST_CASE)
     result.update(rank=rt.rank, world_size=rt.world_size, distributed=rt.distributed)
     (Path(out_dir) / f"rank{rt.rank}.json").write_text(json.dumps(result))
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears down its connections while another still uses them
-        dist.destroy_process_group()
+    rt.close(0)  # train_gpt's own end of a distributed run: barrier, destroy, no finalization
 
 
 if __name__ == "__main__":
