@@ -257,10 +257,10 @@ def clocked_run(tiny_env, tmp_path, monkeypatch, run_id: str, limit: str, **env)
         clock.now += 1.0
         return step(self, *a)
 
-    def timed_collect(model, loader, batches, *a):
+    def timed_collect(model, loader, batches, *a, **kw):
         calibrations.append(batches)
         clock.now += 0.5 * batches
-        return collect(model, loader, batches, *a)
+        return collect(model, loader, batches, *a, **kw)
 
     monkeypatch.setattr(train_gpt, "time", clock)
     monkeypatch.setattr(train_gpt.Trainer, "step", timed_step)
