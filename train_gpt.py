@@ -1275,6 +1275,63 @@ def category_table(m: dict, w: dict) -> list[str]:
     return lines
 
 
+# Bytes per stored value, for the size projection a run logs before training. A GPTQ code of
+# clip range R and width c sigmas is nearly a rounded Gaussian of standard deviation R/c, so its
+# cost is that distribution's entropy times the compressor's overhead over it. Measured on the
+# trained cpu_small seed-1 artifact, one stream per family (README): the block-matrix codes cost
+# 1.016x their Gaussian entropy, an fp16 row scale 0.93 bytes; a trained bigram table's int6
+# codes 0.67-0.78 bytes a value (the BIGRAM_TRAIN_EMBED=1 runs; the upper end is taken). With
+# these the record's own config projects 0.3% above its 15,973,106-byte blob.
+PROJECTION_CODE_OVERHEAD = 1.016  # compressed GPTQ codes / their Gaussian entropy
+PROJECTION_ROW_SCALE_BYTES = 0.93  # one fp16 per-row scale, compressed
+PROJECTION_TRAINED_BIGRAM_BYTES = 0.78  # int6 per-row code of a trained bigram table
+PROJECTION_SMALL_INT8_BYTES = 1.0  # per-tensor and per-row int8 codes: taken at their raw size
+
+
+def gaussian_code_bits(clip_range: int, clip_sigmas: float) -> float:
+    """Entropy in bits of clamp(round(z * R / c), -R, R) for z ~ N(0, 1)."""
+    sd = clip_range / clip_sigmas
+
+    def cdf(x: float) -> float:
+        return 0.5 * (1 + math.erf(x / (sd * math.sqrt(2))))
+
+    bits = 0.0
+    for k in range(-clip_range, clip_range + 1):
+        p = (1.0 if k == clip_range else cdf(k + 0.5)) - (0.0 if k == -clip_range else cdf(k - 0.5))
+        if p > 0:
+            bits -= p * math.log2(p)
+    return bits
+
+
+def projected_model_bytes(state: dict, h: Hyperparameters) -> dict[str, int]:
+    """Projected compressed bytes of the quantized model by category, from the parameter
+    counts and the bytes per value above (shapes only: works on a meta-device state dict)."""
+    out: dict[str, float] = {}
+    gptq = []
+    for name, t in state.items():
+        cat = quant_category(name, t)
+        if cat in ("gptq_int6", "gptq_int8"):
+            bits = h.matrix_bits if cat == "gptq_int6" else h.embed_bits
+            code = gaussian_code_bits(2 ** (bits - 1) - 1, clip_sigmas_for(name, h)) / 8 * PROJECTION_CODE_OVERHEAD
+            n = t.numel() * code + t.shape[0] * PROJECTION_ROW_SCALE_BYTES
+            gptq.append((t.numel(), t.shape))
+        elif cat == "int6_row":  # untrained (the record's quirk) it is all zeros and costs ~nothing
+            n = t.numel() * PROJECTION_TRAINED_BIGRAM_BYTES + t.shape[0] * PROJECTION_ROW_SCALE_BYTES if h.bigram_train_embed else 0
+        elif cat in ("int8_row", "int8_tensor"):
+            n = t.numel() * PROJECTION_SMALL_INT8_BYTES
+        else:
+            n = 2 * t.numel()
+        label = blob_label(cat, h)
+        out[label] = out.get(label, 0) + n
+    if h.lqer_top_k:  # which tensors LQER picks is known only after GPTQ: count the largest
+        out["lqer"] = 0
+        for _, (rows, cols) in sorted(gptq, key=lambda x: -x[0])[:h.lqer_top_k]:
+            r, g = min(h.lqer_rank, rows, cols), min(h.lqer_group, cols)
+            groups = -(-cols // g)
+            out["lqer"] += rows * -(-r // 4) + 2 + r * -(-groups * g // 2) + 2 * r * groups  # raw: A, its scale, B, B's scales
+    return {k: int(round(v)) for k, v in out.items()}
+
+
 # -----------------------------------------------------------------------------
 # SERIALIZATION
 # torch.save({'w','m'}) -> stride-2 byte shuffle ('BSHF') -> brotli-11 or xz. The shuffle
@@ -1717,6 +1774,9 @@ def main() -> int:
             load_into_model(model, torch.load(h.init_state, map_location="cpu", weights_only=True), h.init_state)
             log(f"init_state: {h.init_state}")
         log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+        projected = projected_model_bytes(model.state_dict(), h)
+        log(f"projected_artifact_bytes:{sum(projected.values()) + len(code)} (model {sum(projected.values())} + code "
+            f"{len(code)}; limit {h.size_limit_bytes}) " + " ".join(f"[{k}]:{v}" for k, v in sorted(projected.items())))
         trainer = train(h, rt, model, val_tokens, luts, log)
         if rt.is_main:
             atomic_write("final_model.pt", torch_bytes(model.state_dict()))

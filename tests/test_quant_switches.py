@@ -283,3 +283,54 @@ def test_eval_only_reproduces_every_new_format(tiny_data, tmp_path):
     env2 = dict(env, RUN_ID="again", EVAL_ONLY="1")
     run_script(env2, tmp_path)
     assert QUANTIZED.findall(read_log(tmp_path, "again")) == QUANTIZED.findall(log)
+
+
+# -----------------------------------------------------------------------------
+# The projected artifact size
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("R,c", [(31, 12.85), (63, 20.0), (127, 20.0), (63, 14.0)])
+def test_gaussian_code_bits_match_sampled_codes(R, c):
+    z = torch.randn(400_000, generator=torch.Generator().manual_seed(R), dtype=torch.float64)
+    q = torch.clamp(torch.round(z * R / c), -R, R).long()
+    p = torch.bincount(q + R).double() / q.numel()
+    p = p[p > 0]
+    assert train_gpt.gaussian_code_bits(R, c) == pytest.approx(-(p * p.log2()).sum().item(), abs=0.01)
+
+
+def test_projection_follows_the_switches():
+    with torch.device("meta"):
+        h = train_gpt.Hyperparameters()
+        state = train_gpt.GPT(h).state_dict()
+    base = train_gpt.projected_model_bytes(state, h)
+    assert set(base) == {"gptq (int6)", "gptq (int8)", "simple int6 (bigram embed)", "simple int8 (small matrix)",
+                         "pertensor int8 (control)", "passthrough (float16)"}
+    assert base["simple int6 (bigram embed)"] == 0  # untrained: all zeros
+    int7 = train_gpt.projected_model_bytes(state, train_gpt.Hyperparameters(embed_bits=7))
+    saved = base["gptq (int8)"] - int7["gptq (int7)"]
+    expected = 8192 * 512 * (train_gpt.gaussian_code_bits(127, 20) - train_gpt.gaussian_code_bits(63, 20)) / 8 \
+        * train_gpt.PROJECTION_CODE_OVERHEAD
+    assert saved == pytest.approx(expected, abs=2)
+    bigram = train_gpt.projected_model_bytes(state, train_gpt.Hyperparameters(bigram_train_embed=True))
+    assert bigram["simple int6 (bigram embed)"] == round(16384 * 32 * train_gpt.PROJECTION_TRAINED_BIGRAM_BYTES
+                                                          + 16384 * train_gpt.PROJECTION_ROW_SCALE_BYTES)
+    lqer = train_gpt.projected_model_bytes(state, train_gpt.Hyperparameters(lqer_top_k=3, lqer_rank=4, lqer_group=64))
+    # the three largest GPTQ tensors are tok_emb (8192 x 512) and two MLP matrices (2048 x 512, 512 x 2048)
+    a = lambda rows: rows + 2  # noqa: E731  (4 INT2 codes per byte, one fp16 scale)
+    b = lambda cols: 4 * cols // 2 + 2 * 4 * cols // 64  # noqa: E731
+    assert lqer["lqer"] == a(8192) + b(512) + a(2048) + b(512) + a(512) + b(2048)
+
+
+def test_run_logs_the_projection_before_training(tiny_data, tmp_path):
+    import conftest
+
+    env = dict(conftest.tiny_env.__wrapped__(tiny_data, tmp_path), ITERATIONS="1", WARMUP_STEPS="0", VAL_LOSS_EVERY="0",
+               SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", OMP_NUM_THREADS="1", EMBED_BITS="7")
+    run_script(env, tmp_path)
+    log = read_log(tmp_path, env["RUN_ID"])
+    m = re.search(r"^projected_artifact_bytes:(\d+) \(model (\d+) \+ code (\d+); limit 16000000\) (.*)$", log, re.M)
+    assert m, log[:3000]
+    assert log.index("projected_artifact_bytes:") < log.index("1/1 train_loss")
+    assert "[gptq (int7)]:" in m.group(4)
+    assert int(m.group(1)) == int(m.group(2)) + int(m.group(3))
