@@ -18,6 +18,8 @@
       and TTT bpb for the --full variants. Writes logs/NAME.{txt,json}.
   python bench.py plot OUT.png JSON ...
       Bytes-vs-penalty plot of `quant` results (needs matplotlib: requirements-bench.txt).
+  python bench.py table JSON ...
+      The same results as a markdown table (bytes relative to each run's record row).
 """
 
 from __future__ import annotations
@@ -266,6 +268,10 @@ def run_quant(args) -> int:
                "families": families}
         if key in evaluated:
             row.update(evaluated[key], same_weights_as=evaluated[key]["variant"])
+        elif args.reuse_run_quantized and not settings and "quantized" in stage and label not in args.full:
+            # the record's settings on the run's own weights: the run already evaluated this artifact
+            row.update(quantized_bpb=stage["quantized"], penalty=stage["quantized"] - post_ema, from_training_log=True)
+            evaluated[key] = {k: row[k] for k in ("variant", "quantized_bpb", "penalty")}
         else:
             qmodel = tg.build_model(h0, rt.device, rt.is_cuda)
             tg.load_into_model(qmodel, deq, label)
@@ -292,7 +298,7 @@ def run_quant(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     command = (f"python bench.py quant {args.name} --model {args.model} --log {args.log} --preset {args.preset} "
                f"--data {args.data} --seed {args.seed}" + "".join(f" --variant {v}" for v in args.variant or [])
-               + "".join(f" --full {v}" for v in args.full))
+               + "".join(f" --full {v}" for v in args.full) + (" --reuse-run-quantized" if args.reuse_run_quantized else ""))
     result = {"name": args.name, "command": command, "git_commit": git_commit(), "hardware": lines[1],
               "post_ema_bpb": post_ema, "training_run_quantized_bpb": stage.get("quantized"), "rows": rows}
     (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -326,6 +332,22 @@ def run_plot(args) -> int:
     return 0
 
 
+def run_table(args) -> int:
+    """Markdown table of `quant` results: one row per variant and seed file."""
+    print("| variant | run | brotli bytes | family bytes | quantized bpb | penalty | sliding | TTT |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for path in args.results:
+        res = json.loads(Path(path).read_text())
+        base = res["rows"][0]
+        for r in res["rows"]:
+            d_b, d_f = r["brotli_bytes"] - base["brotli_bytes"], r["family_bytes"] - base["brotli_bytes"]
+            print(f"| {r['variant']} | {res['name']} | {r['brotli_bytes']:,} ({d_b:+,}) | {r['family_bytes']:,} ({d_f:+,}) "
+                  f"| {r['quantized_bpb']:.5f} | {r['penalty']:+.5f} | "
+                  + (f"{r['sliding_bpb']:.5f}" if "sliding_bpb" in r else "–") + " | "
+                  + (f"{r['ttt_bpb']:.5f}" if "ttt_bpb" in r else "–") + " |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -352,13 +374,17 @@ def main(argv=None) -> int:
     q.add_argument("--variant", action="append", metavar="LABEL:KEY=VALUE,...",
                    help="a quantization setting to try (default: a built-in list)")
     q.add_argument("--full", action="append", default=[], metavar="LABEL", help="also sliding and TTT bpb")
+    q.add_argument("--reuse-run-quantized", action="store_true",
+                   help="take the record's settings' quantized bpb from the run's log instead of evaluating again")
     q.add_argument("--out-dir", default="logs")
     p = sub.add_parser("plot", help="bytes-vs-penalty PNG of quant results")
     p.add_argument("out")
     p.add_argument("results", nargs="+")
+    t = sub.add_parser("table", help="markdown table of quant results")
+    t.add_argument("results", nargs="+")
     args = ap.parse_args(argv)
     return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress, "quant": run_quant,
-            "plot": run_plot}[args.cmd](args)
+            "plot": run_plot, "table": run_table}[args.cmd](args)
 
 
 if __name__ == "__main__":
