@@ -118,6 +118,12 @@ HPARAMS = (
     ("matrix_clip_sigmas", float, 12.85),
     ("embed_bits", int, 8),
     ("embed_clip_sigmas", float, 20.0),
+    ("attn_clip_sigmas", float, None),  # unset: MATRIX_CLIP_SIGMAS for c_q/c_k/c_v/proj
+    ("mlp_clip_sigmas", float, None),  # unset: MATRIX_CLIP_SIGMAS for mlp.fc/proj
+    ("lqer_top_k", int, 0),  # 0: off; else low-rank error correction of the k worst GPTQ matrices
+    ("lqer_rank", int, 4),
+    ("lqer_group", int, 64),  # values per fp16 scale of the int4 factor B
+    ("muon_ns_coeffs", str, "record"),  # Newton-Schulz schedule: record (one quintic) or polar
     ("compressor", str, "brotli"),
     ("size_limit_bytes", int, SIZE_LIMIT_BYTES),
     # Longest a rank waits for the others (rank 0's GPTQ and compression is the longest
@@ -254,11 +260,19 @@ class Hyperparameters:
                 f"and EVAL_SEQ_LEN={h.eval_seq_len}, or a scored window would straddle two chunks")
         if h.ttt_enabled and not h.sliding_window_enabled:
             raise ValueError("TTT_ENABLED=1 needs SLIDING_WINDOW_ENABLED=1 (TTT scores through sliding windows)")
-        if h.compressor not in ("brotli", "lzma"):
-            raise ValueError(f"COMPRESSOR={h.compressor!r} must be 'brotli' or 'lzma'")
+        if h.compressor not in ("brotli", "lzma", "family"):
+            raise ValueError(f"COMPRESSOR={h.compressor!r} must be 'brotli', 'lzma' or 'family'")
         for name in ("matrix_bits", "embed_bits"):
             if not 2 <= getattr(h, name) <= 8:
                 raise ValueError(f"{name.upper()}={getattr(h, name)} must be in 2..8 (stored as int8)")
+        for name in ("matrix_clip_sigmas", "embed_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas"):
+            if getattr(h, name) is not None and not getattr(h, name) > 0:
+                raise ValueError(f"{name.upper()}={getattr(h, name)} must be > 0")
+        if h.lqer_top_k < 0 or h.lqer_rank < 1 or h.lqer_group < 1:
+            raise ValueError(f"LQER_TOP_K={h.lqer_top_k} must be >= 0, LQER_RANK={h.lqer_rank} and "
+                             f"LQER_GROUP={h.lqer_group} >= 1")
+        if h.muon_ns_coeffs not in NS_SCHEDULES:
+            raise ValueError(f"MUON_NS_COEFFS={h.muon_ns_coeffs!r} must be one of {sorted(NS_SCHEDULES)}")
 
     def items(self):
         return [(name.upper(), getattr(self, name)) for name, _, _ in HPARAMS]
@@ -1006,16 +1020,30 @@ def load_into_model(model: nn.Module, state: dict, source: str) -> None:
 # -----------------------------------------------------------------------------
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
+# Newton-Schulz schedules: (norm safety factor, per-iteration (a, b, c); the last repeats).
+# record: one quintic for every step. polar: the Polar Express coefficients for five steps
+# (Amsel et al. 2025, arXiv:2505.16932) that later records use, with their 2% norm margin.
+NS_SCHEDULES = {
+    "record": (1.0, ((3.4445, -4.7750, 2.0315),)),
+    "polar": (1.02, ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                     (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))),
+}
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, schedule: tuple = NS_SCHEDULES["record"]) -> Tensor:
     """Approximately orthogonalise G with a quintic Newton-Schulz iteration: bf16 on GPU as the
     record; fp32 on CPU, where bf16 matmuls are emulated and several times slower."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    safety, coeffs = schedule
     X = G.bfloat16() if G.is_cuda else G.float()
-    X = X / (X.norm() + 1e-7)
+    X = X / (X.norm() + 1e-7) if safety == 1.0 else X / (X.norm() * safety + 1e-7)
     transposed = G.size(0) > G.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return X.T if transposed else X
@@ -1029,10 +1057,12 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 row_normalize: bool, nesterov: bool = True, orthogonalize=zeropower_via_newtonschulz5):
+                 row_normalize: bool, nesterov: bool = True, orthogonalize=zeropower_via_newtonschulz5,
+                 ns_schedule: tuple = NS_SCHEDULES["record"]):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay, row_normalize=row_normalize, nesterov=nesterov))
-        self.orthogonalize = orthogonalize  # not in the groups, so optimizer state dicts stay plain data
+        # Neither is in the groups, so optimizer state dicts stay plain data.
+        self.orthogonalize, self.ns_schedule = orthogonalize, ns_schedule
 
     @torch.no_grad()
     def step(self):
@@ -1057,7 +1087,7 @@ class Muon(torch.optim.Optimizer):
                     g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                     if group["row_normalize"]:
                         g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
-                    g = self.orthogonalize(g, group["backend_steps"])
+                    g = self.orthogonalize(g, group["backend_steps"], self.ns_schedule)
                     g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5
                     flat[offset: offset + p.numel()] = g.flatten().to(flat_dtype)
                 offset += p.numel()
@@ -1100,7 +1130,7 @@ def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool, compile: boo
         torch.optim.AdamW([dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr)], weight_decay=h.adam_wd, **adam),
         Muon([dict(params=matrix, lr=h.matrix_lr, base_lr=h.matrix_lr)], lr=h.matrix_lr, momentum=h.muon_momentum,
              backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd, row_normalize=h.muon_row_normalize,
-             orthogonalize=orthogonalize),
+             orthogonalize=orthogonalize, ns_schedule=NS_SCHEDULES[h.muon_ns_coeffs]),
     ]
     return optimizers
 
@@ -1332,12 +1362,18 @@ def log_weights_checksum(model: nn.Module, rt: Runtime, log: Logger) -> None:
 
 GPTQ_MATRIX_SUFFIXES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight",
                         "mlp.fc.weight", "mlp.proj.weight")
+ATTN_MATRIX_SUFFIXES, MLP_MATRIX_SUFFIXES = GPTQ_MATRIX_SUFFIXES[:4], GPTQ_MATRIX_SUFFIXES[4:]
 PER_TENSOR_INT8 = ("attn_scale", "mlp_scale", "resid_mix", "skip_gates", "skip_weights")
 PER_ROW_INT8 = ("bigram.proj.weight", "attn_gate_proj.weight", "smear_gate.weight")
+# The method labels the record writes into the blob's 'm' (its GPTQ labels carry the bit width).
+BLOB_LABELS = {"int6_row": "simple int6 (bigram embed)", "int8_row": "simple int8 (small matrix)",
+               "int8_tensor": "pertensor int8 (control)", "fp16": "passthrough (float16)"}
 
 
 def quant_category(name: str, t: Tensor) -> str:
-    """Quantization method of one state-dict tensor (the key written to the blob's 'm')."""
+    """Quantization method of one state-dict tensor. The record decides GPTQ by size (> 65,536
+    values); this rule names the matrices instead, which agrees on the full config and also
+    quantizes the smaller block matrices of small configs (the record keeps those fp16)."""
     if name.endswith(GPTQ_MATRIX_SUFFIXES):
         return "gptq_int6"
     if name == "tok_emb.weight":
@@ -1351,6 +1387,26 @@ def quant_category(name: str, t: Tensor) -> str:
     if t.numel() > 65536:
         raise ValueError(f"{name} {tuple(t.shape)} has {t.numel()} values but no quantization rule")
     return "fp16"
+
+
+def blob_label(cat: str, h: Hyperparameters) -> str:
+    if cat == "gptq_int6":
+        return f"gptq (int{h.matrix_bits})"
+    if cat == "gptq_int8":
+        return f"gptq (int{h.embed_bits})"
+    return BLOB_LABELS[cat]
+
+
+def clip_sigmas_for(name: str, h: Hyperparameters) -> float:
+    """SDClip width of one GPTQ tensor: the embedding's, or the attention/MLP family's when set,
+    else the record's single MATRIX_CLIP_SIGMAS."""
+    if name == "tok_emb.weight":
+        return h.embed_clip_sigmas
+    if name.endswith(ATTN_MATRIX_SUFFIXES) and h.attn_clip_sigmas is not None:
+        return h.attn_clip_sigmas
+    if name.endswith(MLP_MATRIX_SUFFIXES) and h.mlp_clip_sigmas is not None:
+        return h.mlp_clip_sigmas
+    return h.matrix_clip_sigmas
 
 
 @torch.no_grad()
@@ -1440,63 +1496,208 @@ def quantize_per_tensor(w: Tensor) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8), scale
 
 
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Unsigned codes < 2**bits along the last dim -> uint8, 8 // bits codes per byte."""
+    per = 8 // bits
+    n = codes.size(-1)
+    padded = F.pad(codes.to(torch.int32), (0, -n % per)).reshape(*codes.shape[:-1], -1, per)
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (padded << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[..., None] >> shifts) & (2 ** bits - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def lqer_dequantize(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, rows: int, cols: int) -> Tensor:
+    """A (INT2 codes 0..3 = -1.5..1.5 steps of one scale) @ B (INT4 codes 0..14 = -7..7 steps
+    of one fp16 scale per group of the row)."""
+    rank = b.size(0)
+    A = (unpack_bits(a, 2, rank).float() - 1.5) * a_scale.float()
+    # B's codes are stored padded to whole groups (plus at most one code to fill a byte), so
+    # the group width is the stored width over the number of scales, rounded down.
+    group = 2 * b.size(1) // b_scale.size(1)
+    B = (unpack_bits(b, 4, 2 * b.size(1)).float() - 7)[:, :cols]
+    B = B * b_scale.float().repeat_interleave(group, dim=1)[:, :cols]
+    return A.reshape(rows, rank) @ B
+
+
+def lqer_factors(E: Tensor, rank: int, group: int) -> dict | None:
+    """Rank-r correction of the GPTQ error E = W - dequant(Q): A = U_r S_r as INT2 with one
+    fp16 scale, B = V_r^T as INT4 with an fp16 scale per `group` values. The scale of A is the
+    candidate with the smallest remaining error; None when no candidate beats no correction."""
+    rows, cols = E.shape
+    rank, group = min(rank, rows, cols), min(group, cols)
+    U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    A, B = U[:, :rank] * S[:rank], Vh[:rank]
+    pad = -cols % group
+    Bg = F.pad(B, (0, pad)).reshape(rank, -1, group)
+    b_scale = (Bg.abs().amax(-1) / 7).clamp_min(1e-8).half()
+    b_codes = (torch.clamp(torch.round(Bg / b_scale.float()[..., None]), -7, 7) + 7).reshape(rank, -1)
+    b = pack_bits(b_codes.to(torch.uint8), 4)
+    best, best_err = None, E.float().norm().item()
+    for k in torch.linspace(0.4, 2.0, 17).tolist():
+        a_scale = (A.std() * k).clamp_min(1e-8).half()
+        a_codes = torch.clamp(torch.floor(A / a_scale.float()) + 2, 0, 3).to(torch.uint8)
+        a = pack_bits(a_codes, 2)
+        err = (E.float() - lqer_dequantize(a, a_scale, b, b_scale, rows, cols)).norm().item()
+        if err < best_err:
+            best, best_err = {"lqer_a": a, "lqer_a_scale": a_scale, "lqer_b": b, "lqer_b_scale": b_scale}, err
+    return best
+
+
+def apply_lqer(w: dict, state: dict, gptq_names: list[str], h: Hyperparameters) -> list[str]:
+    """Add the LQER factors of the LQER_TOP_K GPTQ tensors with the largest Frobenius error to
+    the blob dict; returns the names corrected."""
+    errors = {}
+    for name in gptq_names:
+        q, scale = w[name + ".q"].float(), w[name + ".scale"].float()
+        errors[name] = state[name].detach().float().cpu() - q * scale[:, None]
+    corrected = []
+    for name in sorted(errors, key=lambda n: -errors[n].norm().item())[:h.lqer_top_k]:
+        factors = lqer_factors(errors[name], h.lqer_rank, h.lqer_group)
+        if factors is not None:
+            w.update({f"{name}.{k}": v for k, v in factors.items()})
+            corrected.append(name)
+    return corrected
+
+
 def quantize_state_dict(state: dict, hessians: dict, h: Hyperparameters) -> tuple[dict, dict]:
-    """Whole state dict -> ({'<name>.q','<name>.scale' or '<name>': tensor}, {name: method})."""
-    w, m = {}, {}
+    """Whole state dict -> (tensors, {name: method label}) in the record's blob layout:
+    GPTQ and per-row int8 as '<name>.q' int8 + '<name>.scale' fp16 per row, per-tensor int8 as
+    '<name>.q_pt' int8 + '<name>.scale_pt' fp32 0-dim, passthrough as '<name>' fp16. LQER adds
+    '<name>.lqer_a/_a_scale/_b/_b_scale' to the GPTQ tensors it corrects."""
+    w, m, gptq_names = {}, {}, []
     matrix_range, embed_range = 2 ** (h.matrix_bits - 1) - 1, 2 ** (h.embed_bits - 1) - 1
     for name, t in state.items():
         cat = quant_category(name, t)
         t = t.detach().cpu()
+        m[name] = blob_label(cat, h)
         if cat in ("gptq_int6", "gptq_int8"):
             if name not in hessians:
                 raise ValueError(f"no Hessian was collected for {name}")
-            sigmas, rng = (h.matrix_clip_sigmas, matrix_range) if cat == "gptq_int6" else (h.embed_clip_sigmas, embed_range)
-            q, scale = gptq_quantize_weight(t, hessians[name], sigmas, rng)
+            rng = matrix_range if cat == "gptq_int6" else embed_range
+            w[name + ".q"], w[name + ".scale"] = gptq_quantize_weight(t, hessians[name], clip_sigmas_for(name, h), rng)
+            gptq_names.append(name)
         elif cat == "int6_row":
-            q, scale = quantize_per_row(t, 31)
+            w[name + ".q"], w[name + ".scale"] = quantize_per_row(t, 31)
         elif cat == "int8_row":
-            q, scale = quantize_per_row(t.reshape(t.size(0), -1), 127)
+            w[name + ".q"], w[name + ".scale"] = quantize_per_row(t.reshape(t.size(0), -1), 127)
         elif cat == "int8_tensor":
-            q, scale = quantize_per_tensor(t)
+            w[name + ".q_pt"], w[name + ".scale_pt"] = quantize_per_tensor(t)
         else:
             w[name] = t.half()
-            m[name] = cat
-            continue
-        w[name + ".q"], w[name + ".scale"], m[name] = q, scale, cat
+    if h.lqer_top_k:
+        apply_lqer(w, state, gptq_names, h)
     return w, m
 
 
 def dequantize_state_dict(w: dict, m: dict) -> dict:
-    """Inverse of quantize_state_dict. Works from the stored shapes alone, so blobs whose method
-    labels are worded differently (the record's) read the same way."""
+    """Inverse of quantize_state_dict, driven by the keys present rather than the labels, so the
+    record's blobs read too (including its fp16 block matrices of small configs)."""
     out = {}
     for name in m:
-        if name in w:
+        if name + ".q_pt" in w:
+            out[name] = w[name + ".q_pt"].float() * w[name + ".scale_pt"].float().reshape(())
+        elif name + ".q" in w:
+            q, scale = w[name + ".q"].float(), w[name + ".scale"].float()
+            if scale.numel() == 1:  # a per-tensor scale under '.scale' (earlier blobs of this code)
+                out[name] = q * scale.reshape(())
+            else:
+                out[name] = q * scale.reshape(-1, *([1] * (q.ndim - 1)))
+            if name + ".lqer_a" in w:
+                out[name] = out[name] + lqer_dequantize(w[name + ".lqer_a"], w[name + ".lqer_a_scale"],
+                                                        w[name + ".lqer_b"], w[name + ".lqer_b_scale"], *q.shape)
+        elif name in w:
             out[name] = w[name].float()
-            continue
-        q, scale = w[name + ".q"].float(), w[name + ".scale"].float()
-        if scale.numel() == 1:
-            out[name] = q * scale.reshape(())
         else:
-            out[name] = q * scale.reshape(-1, *([1] * (q.ndim - 1)))
+            raise ValueError(f"the blob labels {name!r} {m[name]!r} but holds neither {name}, {name}.q nor {name}.q_pt")
     return out
 
 
 def category_table(m: dict, w: dict) -> list[str]:
     counts: dict[str, list[int]] = {}
-    for name, cat in m.items():
-        n = w[name].numel() if name in w else w[name + ".q"].numel()
-        c = counts.setdefault(cat, [0, 0])
+    for name, label in m.items():
+        t = next(w[k] for k in (name, name + ".q", name + ".q_pt") if k in w)
+        c = counts.setdefault(label, [0, 0])
         c[0] += 1
-        c[1] += n
-    return [f"quant_category:{cat} tensors:{c[0]} values:{c[1]}" for cat, c in sorted(counts.items())]
+        c[1] += t.numel()
+    lines = [f"quant_category:{label} tensors:{c[0]} values:{c[1]}" for label, c in sorted(counts.items())]
+    lqer = sorted(k[:-len(".lqer_a")] for k in w if k.endswith(".lqer_a"))
+    if lqer:
+        lqer_bytes = sum(w[f"{n}.{k}"].numel() * w[f"{n}.{k}"].element_size() for n in lqer
+                         for k in ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale"))
+        lines.append(f"lqer:corrected {len(lqer)} tensors ({' '.join(lqer)}) raw_bytes:{lqer_bytes}")
+    return lines
+
+
+# Bytes per stored value, for the size projection a run logs before training. A GPTQ code of
+# clip range R and width c sigmas is nearly a rounded Gaussian of standard deviation R/c, so its
+# cost is that distribution's entropy times the compressor's overhead over it. Measured on the
+# trained cpu_small seed-1 artifact, one stream per family (README): the block-matrix codes cost
+# 1.016x their Gaussian entropy, an fp16 row scale 0.93 bytes; a trained bigram table's int6
+# codes 0.67-0.78 bytes a value (the BIGRAM_TRAIN_EMBED=1 runs; the upper end is taken). With
+# these the record's own config projects 0.3% above its 15,973,106-byte blob.
+PROJECTION_CODE_OVERHEAD = 1.016  # compressed GPTQ codes / their Gaussian entropy
+PROJECTION_ROW_SCALE_BYTES = 0.93  # one fp16 per-row scale, compressed
+PROJECTION_TRAINED_BIGRAM_BYTES = 0.78  # int6 per-row code of a trained bigram table
+PROJECTION_SMALL_INT8_BYTES = 1.0  # per-tensor and per-row int8 codes: taken at their raw size
+
+
+def gaussian_code_bits(clip_range: int, clip_sigmas: float) -> float:
+    """Entropy in bits of clamp(round(z * R / c), -R, R) for z ~ N(0, 1)."""
+    sd = clip_range / clip_sigmas
+
+    def cdf(x: float) -> float:
+        return 0.5 * (1 + math.erf(x / (sd * math.sqrt(2))))
+
+    bits = 0.0
+    for k in range(-clip_range, clip_range + 1):
+        p = (1.0 if k == clip_range else cdf(k + 0.5)) - (0.0 if k == -clip_range else cdf(k - 0.5))
+        if p > 0:
+            bits -= p * math.log2(p)
+    return bits
+
+
+def projected_model_bytes(state: dict, h: Hyperparameters) -> dict[str, int]:
+    """Projected compressed bytes of the quantized model by category, from the parameter
+    counts and the bytes per value above (shapes only: works on a meta-device state dict)."""
+    out: dict[str, float] = {}
+    gptq = []
+    for name, t in state.items():
+        cat = quant_category(name, t)
+        if cat in ("gptq_int6", "gptq_int8"):
+            bits = h.matrix_bits if cat == "gptq_int6" else h.embed_bits
+            code = gaussian_code_bits(2 ** (bits - 1) - 1, clip_sigmas_for(name, h)) / 8 * PROJECTION_CODE_OVERHEAD
+            n = t.numel() * code + t.shape[0] * PROJECTION_ROW_SCALE_BYTES
+            gptq.append((t.numel(), t.shape))
+        elif cat == "int6_row":  # untrained (the record's quirk) it is all zeros and costs ~nothing
+            n = t.numel() * PROJECTION_TRAINED_BIGRAM_BYTES + t.shape[0] * PROJECTION_ROW_SCALE_BYTES if h.bigram_train_embed else 0
+        elif cat in ("int8_row", "int8_tensor"):
+            n = t.numel() * PROJECTION_SMALL_INT8_BYTES
+        else:
+            n = 2 * t.numel()
+        label = blob_label(cat, h)
+        out[label] = out.get(label, 0) + n
+    if h.lqer_top_k:  # which tensors LQER picks is known only after GPTQ: count the largest
+        out["lqer"] = 0
+        for _, (rows, cols) in sorted(gptq, key=lambda x: -x[0])[:h.lqer_top_k]:
+            r, g = min(h.lqer_rank, rows, cols), min(h.lqer_group, cols)
+            groups = -(-cols // g)
+            out["lqer"] += rows * -(-r // 4) + 2 + r * -(-groups * g // 2) + 2 * r * groups  # raw: A, its scale, B, B's scales
+    return {k: int(round(v)) for k, v in out.items()}
 
 
 # -----------------------------------------------------------------------------
 # SERIALIZATION
 # torch.save({'w','m'}) -> stride-2 byte shuffle ('BSHF') -> brotli-11 or xz. The shuffle
 # groups the high and low bytes of the 16-bit scales and int8 pairs so the entropy coder
-# sees two smoother streams. Files are written to a temp name and renamed into place.
+# sees two smoother streams. COMPRESSOR=family instead compresses each family of tensors
+# (same role, same dtype) as its own stream with whichever codec makes it smallest ('QFAM').
+# Files are written to a temp name and renamed into place.
 # -----------------------------------------------------------------------------
 
 SHUFFLE_MAGIC = b"BSHF"
@@ -1519,7 +1720,105 @@ def byte_unshuffle(blob: bytes) -> bytes:
     return out.tobytes()
 
 
+FAMILY_MAGIC = b"QFAM\x01"
+FAMILY_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def tensor_family(key: str, t: Tensor) -> str:
+    """Group of one blob tensor: its role (which weights, codes or scales) and its dtype."""
+    dtype = str(t.dtype).removeprefix("torch.")
+    name, _, part = key.rpartition(".")
+    if part.startswith("lqer"):
+        role = "lqer." + ("scales" if part.endswith("scale") else "codes")
+    elif part in ("q", "q_pt"):
+        role = ("embed" if name == "tok_emb.weight" else "bigram" if name == "bigram.embed.weight"
+                else "attn" if name.endswith(ATTN_MATRIX_SUFFIXES) else "mlp" if name.endswith(MLP_MATRIX_SUFFIXES)
+                else "control") + ".codes"
+    elif part in ("scale", "scale_pt"):
+        role = "scales"
+    else:
+        role = "passthrough"
+    return f"{role}.{dtype}"
+
+
+def family_codecs(raw: bytes, itemsize: int) -> list[tuple[str, bytes]]:
+    import brotli
+
+    out = []
+    for shuffle in ((False, True) if itemsize > 1 else (False,)):
+        data = b"".join(raw[i::itemsize] for i in range(itemsize)) if shuffle else raw
+        tag = "+shuffle" if shuffle else ""
+        out.append(("brotli" + tag, brotli.compress(data, quality=11, lgwin=24)))
+        out.append(("xz" + tag, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)))
+    return out
+
+
+def compress_by_family(w: dict, m: dict) -> bytes:
+    """'QFAM' v1: magic, a 4-byte header length, the xz-compressed JSON header (method labels;
+    each tensor's key, dtype, shape and family; each family's codec, sizes and CRC-32), then
+    every family's compressed bytes in header order."""
+    import json
+    import zlib
+
+    families: dict[str, list[str]] = {}
+    for key in sorted(w):
+        families.setdefault(tensor_family(key, w[key]), []).append(key)
+    tensors, groups, payloads = [], [], []
+    for fam, keys in sorted(families.items()):
+        raw = b"".join(w[k].detach().cpu().contiguous().numpy().tobytes() for k in keys)
+        codec, data = min(family_codecs(raw, w[keys[0]].element_size()), key=lambda c: len(c[1]))
+        tensors += [[k, str(w[k].dtype).removeprefix("torch."), list(w[k].shape), fam] for k in keys]
+        groups.append([fam, codec, len(raw), len(data), zlib.crc32(raw)])
+        payloads.append(data)
+    header = lzma.compress(json.dumps({"m": m, "tensors": tensors, "groups": groups}).encode(),
+                           preset=9 | lzma.PRESET_EXTREME)
+    return FAMILY_MAGIC + len(header).to_bytes(4, "little") + header + b"".join(payloads)
+
+
+def decompress_by_family(blob: bytes, source: str) -> tuple[dict, dict]:
+    import json
+    import zlib
+
+    import brotli
+
+    try:
+        n = int.from_bytes(blob[5:9], "little")
+        header = json.loads(lzma.decompress(blob[9:9 + n]))
+        m, tensors, groups = header["m"], header["tensors"], header["groups"]
+    except Exception as e:
+        raise ValueError(f"{source}: QFAM header is unreadable ({type(e).__name__}: {e})") from None
+    raws, pos = {}, 9 + n
+    for fam, codec, raw_len, comp_len, crc in groups:
+        data = blob[pos: pos + comp_len]
+        pos += comp_len
+        try:
+            raw = brotli.decompress(data) if codec.startswith("brotli") else lzma.decompress(data)
+        except Exception as e:
+            raise ValueError(f"{source}: tensor family {fam!r} is corrupt ({codec}: {type(e).__name__})") from None
+        itemsize = FAMILY_DTYPES[fam.rsplit(".", 1)[1]].itemsize
+        if codec.endswith("+shuffle") and len(raw) == raw_len and raw_len % itemsize == 0:
+            raw = np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1).T.tobytes()
+        if len(raw) != raw_len or zlib.crc32(raw) != crc:
+            raise ValueError(f"{source}: tensor family {fam!r} is corrupt (CRC-32 or length mismatch)")
+        raws[fam] = [raw, 0]
+    if pos != len(blob):
+        raise ValueError(f"{source}: QFAM blob has {len(blob) - pos} bytes beyond its families (truncated or padded)")
+    w = {}
+    for key, dtype, shape, fam in tensors:
+        buf = raws[fam]
+        t = torch.empty(shape, dtype=FAMILY_DTYPES[dtype])
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            t = torch.frombuffer(bytearray(buf[0][buf[1]: buf[1] + nbytes]), dtype=t.dtype).reshape(shape)
+        buf[1] += nbytes
+        w[key] = t
+    return w, m
+
+
 def compress_blob(w: dict, m: dict, compressor: str) -> bytes:
+    if compressor == "family":
+        return compress_by_family(w, m)
     buf = io.BytesIO()
     torch.save({"w": w, "m": m}, buf)
     shuffled = byte_shuffle(buf.getvalue())
@@ -1531,6 +1830,8 @@ def compress_blob(w: dict, m: dict, compressor: str) -> bytes:
 
 
 def decompress_blob(blob: bytes, source: str) -> tuple[dict, dict]:
+    if blob.startswith(FAMILY_MAGIC):
+        return decompress_by_family(blob, source)
     try:
         if blob.startswith(XZ_MAGIC):
             raw = lzma.decompress(blob)
@@ -1885,6 +2186,9 @@ def main() -> int:
             load_into_model(model, load_init_state(h.init_state), h.init_state)
             log(f"init_state: {h.init_state}")
         log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+        projected = projected_model_bytes(model.state_dict(), h)
+        log(f"projected_artifact_bytes:{sum(projected.values()) + len(code)} (model {sum(projected.values())} + code "
+            f"{len(code)}; limit {h.size_limit_bytes}) " + " ".join(f"[{k}]:{v}" for k, v in sorted(projected.items())))
         trainer = train(h, rt, model, val_tokens, luts, log)  # writes final_model.pt when training ends
         model.looping_active = h.num_loops > 0
         loss, bpb, ms = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
