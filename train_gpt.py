@@ -1829,11 +1829,19 @@ def compress_blob(w: dict, m: dict, compressor: str) -> bytes:
     return lzma.compress(shuffled, preset=9 | lzma.PRESET_EXTREME)
 
 
+def blob_compressor(head: bytes) -> str:
+    """The COMPRESSOR that wrote a blob, from its first bytes (brotli streams have no magic)."""
+    if head.startswith(FAMILY_MAGIC):
+        return "family"
+    return "lzma" if head.startswith(XZ_MAGIC) else "brotli"
+
+
 def decompress_blob(blob: bytes, source: str) -> tuple[dict, dict]:
-    if blob.startswith(FAMILY_MAGIC):
+    compressor = blob_compressor(blob)
+    if compressor == "family":
         return decompress_by_family(blob, source)
     try:
-        if blob.startswith(XZ_MAGIC):
+        if compressor == "lzma":
             raw = lzma.decompress(blob)
         else:
             import brotli
@@ -2175,7 +2183,7 @@ def main() -> int:
             raise FileNotFoundError(f"EVAL_ONLY=1 but the artifact {h.quantized_model_path} does not exist")
         blob_bytes = os.path.getsize(h.quantized_model_path)
         with open(h.quantized_model_path, "rb") as f:  # label the blob by what it is, not by COMPRESSOR
-            compressor = "lzma" if f.read(len(XZ_MAGIC)) == XZ_MAGIC else "brotli"
+            compressor = blob_compressor(f.read(16))
         log(f"eval_only: {h.quantized_model_path}")
         log(f"Serialized model quantized+{compressor}: {blob_bytes} bytes")
         log(f"Total submission size quantized+{compressor}: {blob_bytes + len(code)} bytes")

@@ -211,13 +211,16 @@ def test_pack_artifact_folder_is_named_as_a_folder(tmp_path, capsys):
     assert f"--artifact {tmp_path}: is a folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["lzma_blob", "folder"])
+@pytest.mark.parametrize("case", ["lzma_blob", "family_blob", "folder"])
 def test_eval_only_labels_the_blob_and_names_a_folder(case, tiny_env, tmp_path, monkeypatch, one_thread):
     import lzma
 
     artifact = tmp_path / "blob.ptz"
+    label = {"lzma_blob": "lzma", "family_blob": "family"}.get(case)
     if case == "lzma_blob":
         artifact.write_bytes(lzma.compress(b"not read: evaluation is stubbed"))
+    elif case == "family_blob":
+        artifact.write_bytes(train_gpt.FAMILY_MAGIC + b"not read: evaluation is stubbed")
     else:
         artifact.mkdir()
     tiny_main_env(tiny_env, monkeypatch, tmp_path, RUN_ID="evalonly", EVAL_ONLY="1", COMPRESSOR="brotli",
@@ -229,7 +232,7 @@ def test_eval_only_labels_the_blob_and_names_a_folder(case, tiny_env, tmp_path, 
         return
     assert train_gpt.main() == 0
     log = read_log(tmp_path, "evalonly")
-    assert f"Serialized model quantized+lzma: {artifact.stat().st_size} bytes" in log
+    assert f"Serialized model quantized+{label}: {artifact.stat().st_size} bytes" in log
     assert "quantized+brotli" not in log
 
 
