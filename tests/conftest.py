@@ -68,6 +68,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No setting leaks in from the shell: every knob and the torchrun layout variables are unset."""
+    import train_gpt
+
+    for name, _, _ in train_gpt.HPARAMS:
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """DATA_DIR with a trained tokenizer, one val shard and three train shards."""

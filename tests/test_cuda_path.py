@@ -40,15 +40,7 @@ TINY = dict(
 )
 HEAD_DIM = 64  # FA3's head dimension in the record; the stand-in checks the model's own
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name, _, _ in tg.HPARAMS:
-        monkeypatch.delenv(name.upper(), raising=False)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread", "clean_env")
 
 
 def make_h(**overrides) -> tg.Hyperparameters:

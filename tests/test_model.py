@@ -25,16 +25,7 @@ EPS32 = torch.finfo(torch.float32).eps
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    """No setting leaks in from the shell: every knob and the torchrun layout variables are unset."""
-    for name, _, _ in tg.HPARAMS:
-        monkeypatch.delenv(name.upper(), raising=False)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread", "clean_env")
 
 
 def tiny_h(**overrides) -> tg.Hyperparameters:
