@@ -346,7 +346,10 @@ try:
     rt.all_reduce(torch.ones(1))
 except RuntimeError as e:
     print(f"rank {rt.rank} failed after {time.perf_counter() - t0:.0f}s: {e}", flush=True)
-    sys.exit(7)
+    # Leave as Runtime.close does: gloo's threads still hold the broken connection, and
+    # interpreter finalization with them alive can abort ("terminate called without an active
+    # exception", status -6) instead of returning the status asked for.
+    os._exit(7)
 """
 
 
