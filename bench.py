@@ -255,7 +255,7 @@ def run_memory(args) -> int:
 
     import train_gpt as tg
 
-    h = tg.Hyperparameters(train_seq_len=args.seq_len, compile=False)
+    h = tg.Hyperparameters.from_env(train_seq_len=args.seq_len, compile=False)
     t0 = time.perf_counter()
     est = saved_activations(h, args.rows)
     gib = est["saved_bytes"] / 2**30
@@ -363,7 +363,7 @@ def gpu_check(h, rt, steps: int, say) -> tuple[dict, list[tuple[str, bool, str]]
     # 2. Compiled training, looping off then on (the warm-up's two graphs), then timed steps.
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    trainer = tg.Trainer(h, rt, model, tg.Logger(None))
+    trainer = tg.Trainer(h, rt, model)
     loader = RandomTokens(h.vocab_size, h.train_seq_len)
     t0 = time.perf_counter()
     for looping in (False, True):
@@ -381,7 +381,7 @@ def gpu_check(h, rt, steps: int, say) -> tuple[dict, list[tuple[str, bool, str]]
         loss = trainer.step(loader, step, 1.0)
     rt.synchronize()
     step_s = (time.perf_counter() - t0) / max(steps, 1)
-    tokens = h.micro_batch_seqs * h.train_seq_len * h.grad_accum_steps
+    tokens = rt.micro_batch_seqs * h.train_seq_len * rt.grad_accum_steps
     checks.append(("no recompilation in timed steps", compiled_graphs(tg.GPT.forward) == train_graphs,
                    f"{compiled_graphs(tg.GPT.forward)} graphs after, {train_graphs} before"))
     checks.append(("finite training loss", bool(torch.isfinite(loss)), f"{float(loss):.4f}"))
@@ -404,7 +404,7 @@ def gpu_check(h, rt, steps: int, say) -> tuple[dict, list[tuple[str, bool, str]]
                    (1 <= ns_graphs <= torch._dynamo.config.recompile_limit) if rt.is_cuda else ns_graphs == 0,
                    f"{ns_graphs} graphs, limit {torch._dynamo.config.recompile_limit}"))
     figures = {
-        "micro_batch": f"{h.micro_batch_seqs} x {h.train_seq_len}", "grad_accum_steps": h.grad_accum_steps,
+        "micro_batch": f"{rt.micro_batch_seqs} x {h.train_seq_len}", "grad_accum_steps": rt.grad_accum_steps,
         "compile_and_warmup_seconds": round(compile_s, 1), "timed_steps": steps,
         "step_ms": round(1000 * step_s, 1), "train_tokens_per_second": round(tokens / step_s),
         "eval_tokens_per_second": round((stream.numel() - 1) / (eval_ms / 1000)),
@@ -440,7 +440,8 @@ def run_gpu_check(args) -> int:
         print(msg, flush=True)
         lines.append(msg)
 
-    fa3 = tg.enable_flash_attention()
+    tg.enable_flash_attention()
+    fa3 = tg.FLASH_ATTN_FUNC is not None
     fa3_version = None
     if fa3:
         import flash_attn_interface
@@ -458,9 +459,9 @@ def run_gpu_check(args) -> int:
         versions["triton"] = None
     say("versions: " + " ".join(f"{k}:{v}" for k, v in versions.items()))
     # The record's per-GPU micro-batch (48 x 2048, full config), one micro-batch per step.
-    h = tg.Hyperparameters(train_batch_tokens=args.rows * 2048, grad_accum_steps=1, compile=True, run_id=name)
+    h = tg.Hyperparameters.from_env(train_batch_tokens=args.rows * 2048, grad_accum_steps=1, compile=True, run_id=name)
     rt = tg.Runtime(h)
-    say(f"config: full model, micro-batch {h.micro_batch_seqs} x {h.train_seq_len}, compile on, "
+    say(f"config: full model, micro-batch {rt.micro_batch_seqs} x {h.train_seq_len}, compile on, "
         f"attention {'flash_attn_3' if fa3 else 'sdpa'}")
     t0 = time.perf_counter()
     figures, checks = gpu_check(h, rt, args.steps, say)
@@ -549,7 +550,7 @@ def run_gptq(args) -> int:
     import train_gpt as tg
 
     torch.manual_seed(0)
-    h = tg.Hyperparameters(train_seq_len=args.seq_len)
+    h = tg.Hyperparameters.from_env(train_seq_len=args.seq_len)
     rt = tg.Runtime(h)
     t0 = time.perf_counter()
     model = tg.GPT(h)
@@ -654,7 +655,7 @@ def kernel_isolation(h, device, rows: int, iters: int, compile_modes=(False, Tru
     mlps = {}
     for fused in (False, True):
         torch.manual_seed(0)
-        mlps[fused] = tg.MLP(tg.Hyperparameters(**{**vars_of(h), "fused_mlp": fused})).to(device)
+        mlps[fused] = tg.MLP(tg.Hyperparameters.from_env(**{**vars_of(h), "fused_mlp": fused})).to(device)
     results = []
     for compiled in compile_modes:
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compiled else (lambda f: f)
@@ -694,11 +695,11 @@ def full_config_steps(overrides: dict, steps: int) -> dict:
     import train_gpt as tg
 
     torch._dynamo.reset()
-    h = tg.Hyperparameters(**overrides)
+    h = tg.Hyperparameters.from_env(**overrides)
     rt = tg.Runtime(h)
     torch.manual_seed(0)
     model = tg.build_model(h, rt.device, rt.is_cuda)
-    trainer = tg.Trainer(h, rt, model, tg.Logger(None))
+    trainer = tg.Trainer(h, rt, model)
 
     class RandomLoader:  # the loader's interface: speed does not depend on the token values
         def next_batch(self, rows):
@@ -729,7 +730,7 @@ def run_kernels(args) -> int:
         return 2
     import train_gpt as tg
 
-    h = tg.Hyperparameters(fused_ce=True, fused_mlp=True)
+    h = tg.Hyperparameters.from_env(fused_ce=True, fused_mlp=True)
     rt = tg.Runtime(h)
     result = {
         "command": "python bench.py kernels " + " ".join(sys.argv[2:]),
@@ -791,7 +792,7 @@ def run_quant(args) -> int:
                                                  log_text, re.M)}
     post_ema = stage["pre-quantization post-ema"]
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
-    h0 = tg.Hyperparameters()
+    h0 = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h0)
     state = torch.load(args.model, map_location="cpu", weights_only=True)
     model = tg.build_model(h0, rt.device, rt.is_cuda)
@@ -799,7 +800,7 @@ def run_quant(args) -> int:
     model.looping_active = h0.num_loops > 0
     t0 = time.perf_counter()
     loader = tg.ShuffledSequenceLoader(h0.train_files, h0.train_seq_len, 0, 1)
-    hessians = tg.collect_hessians(model, loader, h0.gptq_calibration_batches, h0.micro_batch_seqs, rt)
+    hessians = tg.collect_hessians(model, loader, h0.gptq_calibration_batches, rt.micro_batch_seqs, rt)
     print(f"hessians: {len(hessians)} in {time.perf_counter() - t0:.1f}s", flush=True)
     luts = tg.build_sentencepiece_luts(tg.load_tokenizer(h0), h0.vocab_size, rt.device)
     val = tg.load_validation_tokens(h0.val_files, h0.eval_seq_len, h0.vocab_size)
@@ -810,7 +811,7 @@ def run_quant(args) -> int:
     for label, settings in variants:
         kw = {k.lower(): tg._parse_env(k, next(t for n, t, _ in tg.HPARAMS if n == k.lower()), v)
               for k, v in settings.items()}
-        h = tg.Hyperparameters(**kw)
+        h = tg.Hyperparameters.from_env(**kw)
         t0 = time.perf_counter()
         w, m = tg.quantize_state_dict(state, hessians, h)
         t_quant = time.perf_counter() - t0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime
 import difflib
 import glob
@@ -26,6 +27,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,147 +44,129 @@ from torch import Tensor, nn
 
 SIZE_LIMIT_BYTES = 16_000_000
 
-# (name, type, default). Order is the order of the log's hparam lines.
-HPARAMS = (
+@dataclasses.dataclass
+class Hyperparameters:
+    """Settings for one run. Hyperparameters() is the record's defaults; from_env() reads the
+    environment (tests pass keywords instead). Field order is the order of the log's hparam lines."""
+
     # data and run
-    ("data_dir", str, "./data/"),
-    ("data_path", str, ""),  # default: DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}
-    ("tokenizer_path", str, ""),  # default: DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model
-    ("run_id", str, ""),  # default: a fresh uuid4
-    ("seed", int, 1337),
-    ("init_state", str, ""),
-    ("eval_only", bool, False),
-    ("quantized_model_path", str, "final_model.int6.ptz"),
-    ("compile", bool, None),  # default: on for CUDA, off for CPU
-    ("gptq_hessian_all_ranks", bool, False),  # 1: average every rank's Hessians (the record: rank 0's alone)
-    ("fused_ce", bool, False),  # Triton soft-capped cross-entropy (KERNELS)
-    ("fused_mlp", bool, False),  # Triton LeakyReLU(0.5)^2 MLP activation (KERNELS)
+    data_dir: str = "./data/"
+    data_path: str = ""  # default: DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}
+    tokenizer_path: str = ""  # default: DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model
+    run_id: str = ""  # default: a fresh uuid4
+    seed: int = 1337
+    init_state: str = ""
+    eval_only: bool = False
+    quantized_model_path: str = "final_model.int6.ptz"
+    compile: bool | None = None  # default: on for CUDA, off for CPU
+    gptq_hessian_all_ranks: bool = False  # 1: average every rank's Hessians (the record: rank 0's alone)
+    fused_ce: bool = False  # Triton soft-capped cross-entropy (KERNELS)
+    fused_mlp: bool = False  # Triton LeakyReLU(0.5)^2 MLP activation (KERNELS)
     # model
-    ("vocab_size", int, 8192),
-    ("num_layers", int, 11),
-    ("model_dim", int, 512),
-    ("num_heads", int, 8),
-    ("num_kv_heads", int, 4),
-    ("mlp_mult", float, 4.0),
-    ("logit_softcap", float, 30.0),
-    ("rope_base", float, 10000.0),
-    ("rope_dims", int, 16),
-    ("qk_gain_init", float, 5.0),
-    ("ln_scale", bool, True),
-    ("xsa_last_n", int, 11),
-    ("parallel_residual_start", int, 7),
-    ("loop_start", int, 3),
-    ("loop_end", int, 5),
-    ("num_loops", int, 2),
-    ("enable_looping_at", float, 0.35),
-    ("bigram_vocab_size", int, 16384),
-    ("bigram_dim", int, 32),
-    ("bigram_train_embed", bool, False),
-    ("gate_attn_out", bool, True),
-    ("gate_width", int, 12),
-    ("smear_gate", bool, True),
-    ("smear_gate_width", int, 12),
-    ("smear_mask_bos", bool, False),
-    ("tied_embed_init_std", float, 0.005),
+    vocab_size: int = 8192
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 4.0
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    rope_dims: int = 16
+    qk_gain_init: float = 5.0
+    ln_scale: bool = True
+    xsa_last_n: int = 11
+    parallel_residual_start: int = 7
+    loop_start: int = 3
+    loop_end: int = 5
+    num_loops: int = 2
+    enable_looping_at: float = 0.35
+    bigram_vocab_size: int = 16384
+    bigram_dim: int = 32
+    bigram_train_embed: bool = False
+    gate_attn_out: bool = True
+    gate_width: int = 12
+    smear_gate: bool = True
+    smear_gate_width: int = 12
+    smear_mask_bos: bool = False
+    tied_embed_init_std: float = 0.005
     # training
-    ("iterations", int, 20000),
-    ("train_batch_tokens", int, 786432),
-    ("train_seq_len", int, 2048),
-    ("grad_accum_steps", int, 0),  # 0: 8 // WORLD_SIZE, as the record
-    ("warmup_steps", int, 20),
-    ("warmdown_frac", float, 0.72),
-    ("min_lr", float, 0.0),
-    ("max_wallclock_seconds", float, 600.0),
-    ("gptq_reserve_seconds", float, None),  # default: calibration time measured in the run, +25%
-    ("val_loss_every", int, 4000),
-    ("train_log_every", int, 500),
-    ("matrix_lr", float, 0.022),
-    ("scalar_lr", float, 0.02),
-    ("tied_embed_lr", float, 0.03),
-    ("muon_momentum", float, 0.99),
-    ("muon_momentum_warmup_start", float, 0.92),
-    ("muon_momentum_warmup_steps", int, 1500),
-    ("muon_backend_steps", int, 5),
-    ("muon_row_normalize", bool, True),
-    ("muon_wd", float, 0.095),
-    ("embed_wd", float, 0.085),
-    ("adam_wd", float, 0.02),
-    ("beta1", float, 0.9),
-    ("beta2", float, 0.95),
-    ("adam_eps", float, 1e-8),
-    ("grad_clip_norm", float, 0.3),
-    ("ema_decay", float, 0.9965),
+    iterations: int = 20000
+    train_batch_tokens: int = 786432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE, as the record
+    warmup_steps: int = 20
+    warmdown_frac: float = 0.72
+    min_lr: float = 0.0
+    max_wallclock_seconds: float = 600.0
+    gptq_reserve_seconds: float | None = None  # default: calibration time measured in the run, +25%
+    val_loss_every: int = 4000
+    train_log_every: int = 500
+    matrix_lr: float = 0.022
+    scalar_lr: float = 0.02
+    tied_embed_lr: float = 0.03
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_row_normalize: bool = True
+    muon_wd: float = 0.095
+    embed_wd: float = 0.085
+    adam_wd: float = 0.02
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.9965
     # quantization and artifact
-    ("gptq_calibration_batches", int, 64),
-    ("matrix_bits", int, 6),
-    ("matrix_clip_sigmas", float, 12.85),
-    ("embed_bits", int, 8),
-    ("embed_clip_sigmas", float, 20.0),
-    ("attn_clip_sigmas", float, None),  # unset: MATRIX_CLIP_SIGMAS for c_q/c_k/c_v/proj
-    ("mlp_clip_sigmas", float, None),  # unset: MATRIX_CLIP_SIGMAS for mlp.fc/proj
-    ("lqer_top_k", int, 0),  # 0: off; else low-rank error correction of the k worst GPTQ matrices
-    ("lqer_rank", int, 4),
-    ("lqer_group", int, 64),  # values per fp16 scale of the int4 factor B
-    ("muon_ns_coeffs", str, "record"),  # Newton-Schulz schedule: record (one quintic) or polar
-    ("compressor", str, "brotli"),
-    ("size_limit_bytes", int, SIZE_LIMIT_BYTES),
+    gptq_calibration_batches: int = 64
+    matrix_bits: int = 6
+    matrix_clip_sigmas: float = 12.85
+    embed_bits: int = 8
+    embed_clip_sigmas: float = 20.0
+    attn_clip_sigmas: float | None = None  # unset: MATRIX_CLIP_SIGMAS for c_q/c_k/c_v/proj
+    mlp_clip_sigmas: float | None = None  # unset: MATRIX_CLIP_SIGMAS for mlp.fc/proj
+    lqer_top_k: int = 0  # 0: off; else low-rank error correction of the k worst GPTQ matrices
+    lqer_rank: int = 4
+    lqer_group: int = 64  # values per fp16 scale of the int4 factor B
+    muon_ns_coeffs: str = "record"  # Newton-Schulz schedule: record (one quintic) or polar
+    compressor: str = "brotli"
+    size_limit_bytes: int = SIZE_LIMIT_BYTES
     # Longest a rank waits for the others (rank 0's GPTQ and compression is the longest
     # legitimate wait); past it a stopped or dead peer fails the run instead of hanging it.
-    ("dist_timeout_seconds", float, 900.0),
+    dist_timeout_seconds: float = 900.0
     # evaluation
-    ("eval_seq_len", int, 2048),
-    ("eval_stride", int, 64),
-    ("eval_batch_seqs", int, 32),
-    ("sliding_window_enabled", bool, True),
-    ("ttt_enabled", bool, True),
-    ("ttt_lr", float, 0.005),
-    ("ttt_epochs", int, 3),
-    ("ttt_momentum", float, 0.9),
-    ("ttt_chunk_tokens", int, 32768),
-    ("ttt_batch_seqs", int, 32),
-    ("ttt_grad_clip", float, 1.0),
-)
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32
+    sliding_window_enabled: bool = True
+    ttt_enabled: bool = True
+    ttt_lr: float = 0.005
+    ttt_epochs: int = 3
+    ttt_momentum: float = 0.9
+    ttt_chunk_tokens: int = 32768
+    ttt_batch_seqs: int = 32
+    ttt_grad_clip: float = 1.0
 
-
-def _parse_env(name: str, typ: type, raw: str):
-    try:
-        if typ is bool:
-            if raw.strip().lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.strip().lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(raw)
-        return typ(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a valid {typ.__name__}") from None
-
-
-class Hyperparameters:
-    """Settings for one run: environment first, keyword overrides win (tests use those)."""
-
-    def __init__(self, **overrides):
-        for name, typ, default in HPARAMS:
-            if name in overrides:
-                value = overrides.pop(name)
-            elif name.upper() in os.environ:
-                value = _parse_env(name.upper(), typ, os.environ[name.upper()])
-            else:
-                value = default
-            setattr(self, name, value)
-        if overrides:
-            raise TypeError(f"unknown Hyperparameters: {sorted(overrides)}")
+    @classmethod
+    def from_env(cls, environ=os.environ, **overrides) -> Hyperparameters:
+        """Each setting from its upper-case variable in `environ`; keyword overrides win."""
+        known = {name.upper(): (name, typ) for name, typ, _ in HPARAMS}
+        for key, (name, typ) in known.items():
+            if key in environ and name not in overrides:
+                overrides[name] = _parse_env(key, typ, environ[key])
+        unknown = sorted(set(overrides) - {name for name, _ in known.values()})
+        if unknown:
+            raise TypeError(f"unknown Hyperparameters: {unknown}")
+        h = cls(**overrides)
         # A misspelt setting (NUM_LAYER=3) would be silently ignored: name the setting it resembles.
-        known = [name.upper() for name, _, _ in HPARAMS]
-        self.env_warnings = [
-            f"environment variable {k}={os.environ[k]!r} is not a setting; did you mean {close[0]}?"
-            for k in sorted(os.environ) if k not in known
-            for close in [difflib.get_close_matches(k, known, n=1, cutoff=0.8)] if close]
-        # torchrun's variables decide the process layout; they are not knobs. A stray WORLD_SIZE
-        # without RANK is ignored rather than splitting work across ranks that do not exist.
-        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.rank = int(os.environ["RANK"]) if self.distributed else 0
-        self.world_size = int(os.environ["WORLD_SIZE"]) if self.distributed else 1
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        h.env_warnings = [
+            f"environment variable {k}={environ[k]!r} is not a setting; did you mean {close[0]}?"
+            for k in sorted(environ) if k not in known
+            for close in [difflib.get_close_matches(k, list(known), n=1, cutoff=0.8)] if close]
+        return h
+
+    def __post_init__(self) -> None:
+        self.env_warnings = []
         if not self.run_id:
             self.run_id = str(uuid.uuid4())
         if not self.data_path:
@@ -191,8 +175,6 @@ class Hyperparameters:
             self.tokenizer_path = os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe.model")
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
         self.val_files = os.path.join(self.data_path, "fineweb_val_*.bin")
-        if self.grad_accum_steps == 0 and 8 % self.world_size == 0:
-            self.grad_accum_steps = 8 // self.world_size
         self.validate()
         if self.fused_ce or self.fused_mlp:
             load_kernels(self)  # a missing Triton stops here, before any work
@@ -201,16 +183,10 @@ class Hyperparameters:
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
 
-    @property
-    def micro_batch_seqs(self) -> int:
-        return self.train_batch_tokens // (self.world_size * self.grad_accum_steps) // self.train_seq_len
-
     def validate(self) -> None:
         h = self
-        if h.world_size < 1 or 8 % h.world_size != 0:
-            raise ValueError(f"WORLD_SIZE={h.world_size} must divide 8 (the record's 8-way batch split)")
-        if h.grad_accum_steps < 1:
-            raise ValueError(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must be >= 1")
+        if h.grad_accum_steps < 0:
+            raise ValueError(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must be >= 1 (0: 8 // WORLD_SIZE)")
         # Zero or negative, these divide by zero, loop forever or train forever at lr 0.
         for name in ("num_heads", "num_kv_heads", "train_seq_len", "eval_seq_len", "eval_stride", "eval_batch_seqs",
                      "ttt_chunk_tokens", "ttt_batch_seqs", "gptq_calibration_batches", "train_batch_tokens"):
@@ -226,12 +202,6 @@ class Hyperparameters:
             raise ValueError(f"DIST_TIMEOUT_SECONDS={h.dist_timeout_seconds} must be > 0")
         if h.max_wallclock_seconds < 0:
             raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} must be >= 0 (0: no limit)")
-        split = h.world_size * h.grad_accum_steps * h.train_seq_len
-        if h.train_batch_tokens % split:
-            raise ValueError(
-                f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of WORLD_SIZE={h.world_size} x "
-                f"GRAD_ACCUM_STEPS={h.grad_accum_steps} x TRAIN_SEQ_LEN={h.train_seq_len} = {split}: the batch "
-                f"would be rounded down to {h.micro_batch_seqs * split} tokens")
         if h.model_dim % h.num_heads != 0:
             raise ValueError(f"NUM_HEADS={h.num_heads} must divide MODEL_DIM={h.model_dim}")
         if h.num_heads % h.num_kv_heads != 0:
@@ -247,10 +217,6 @@ class Hyperparameters:
             raise ValueError(f"SMEAR_GATE_WIDTH={h.smear_gate_width} exceeds MODEL_DIM={h.model_dim}")
         if h.vocab_size > 65536:
             raise ValueError(f"VOCAB_SIZE={h.vocab_size} does not fit the uint16 shards")
-        if h.micro_batch_seqs < 1:
-            raise ValueError(
-                f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} gives no full sequence of TRAIN_SEQ_LEN="
-                f"{h.train_seq_len} per micro-batch (WORLD_SIZE={h.world_size} x GRAD_ACCUM_STEPS={h.grad_accum_steps})")
         if h.eval_seq_len % h.eval_stride != 0:
             raise ValueError(f"EVAL_STRIDE={h.eval_stride} must divide EVAL_SEQ_LEN={h.eval_seq_len}")
         if h.ttt_enabled and h.sliding_window_enabled and (
@@ -278,6 +244,24 @@ class Hyperparameters:
         return [(name.upper(), getattr(self, name)) for name, _, _ in HPARAMS]
 
 
+# (name, type, default) of every setting, in field order: what tools and tests iterate.
+HPARAMS = tuple((f.name, {"str": str, "int": int, "float": float, "bool": bool}[f.type.split(" |")[0]], f.default)
+                for f in dataclasses.fields(Hyperparameters))
+
+
+def _parse_env(name: str, typ: type, raw: str):
+    try:
+        if typ is bool:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return typ(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {typ.__name__}") from None
+
+
 # -----------------------------------------------------------------------------
 # DEVICE & DISTRIBUTED
 # The device is chosen once. CUDA gets bf16 autocast, compile and fused optimizers;
@@ -287,20 +271,26 @@ class Hyperparameters:
 
 
 class Runtime:
-    def __init__(self, h: Hyperparameters):
-        self.h = h
-        self.rank, self.world_size = h.rank, h.world_size
-        self.is_main = h.rank == 0
+    """Where this process runs: device, rank and the process layout torchrun gave it (RANK,
+    WORLD_SIZE, LOCAL_RANK are not settings), and the micro-batch split that layout implies."""
+
+    def __init__(self, h: Hyperparameters, environ=os.environ):
+        # A stray WORLD_SIZE without RANK is ignored rather than splitting work across ranks that
+        # do not exist.
+        self.distributed = "RANK" in environ and "WORLD_SIZE" in environ
+        self.rank = int(environ["RANK"]) if self.distributed else 0
+        self.world_size = int(environ["WORLD_SIZE"]) if self.distributed else 1
+        self.is_main = self.rank == 0
+        self.split_batch(h)  # bad input stops before any device or process group is touched
         if torch.cuda.is_available():
-            self.device = torch.device("cuda", h.local_rank)
+            self.device = torch.device("cuda", int(environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
         self.is_cuda = self.device.type == "cuda"
-        if h.distributed and not dist.is_initialized():
+        if self.distributed and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.is_cuda else "gloo", device_id=self.device if self.is_cuda else None,
                                     timeout=datetime.timedelta(seconds=h.dist_timeout_seconds))
-        self.distributed = h.distributed
         self.compile = self.is_cuda if h.compile is None else h.compile
         if self.compile:
             # As the record: without this, Dynamo's DDPOptimizer cuts each training graph at DDP's
@@ -310,6 +300,24 @@ class Runtime:
         if self.is_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+
+    def split_batch(self, h: Hyperparameters) -> None:
+        """TRAIN_BATCH_TOKENS per step = WORLD_SIZE x GRAD_ACCUM_STEPS x micro_batch_seqs x TRAIN_SEQ_LEN."""
+        world = self.world_size
+        if world < 1 or 8 % world != 0:
+            raise ValueError(f"WORLD_SIZE={world} must divide 8 (the record's 8-way batch split)")
+        accum = self.grad_accum_steps = h.grad_accum_steps or 8 // world  # 0: the record's 8-way split
+        self.micro_batch_seqs = h.train_batch_tokens // (world * accum) // h.train_seq_len
+        split = world * accum * h.train_seq_len
+        if h.train_batch_tokens % split:
+            raise ValueError(
+                f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of WORLD_SIZE={world} x "
+                f"GRAD_ACCUM_STEPS={accum} x TRAIN_SEQ_LEN={h.train_seq_len} = {split}: the batch "
+                f"would be rounded down to {self.micro_batch_seqs * split} tokens")
+        if self.micro_batch_seqs < 1:
+            raise ValueError(
+                f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} gives no full sequence of TRAIN_SEQ_LEN="
+                f"{h.train_seq_len} per micro-batch (WORLD_SIZE={world} x GRAD_ACCUM_STEPS={accum})")
 
     def autocast(self):
         if self.is_cuda:
@@ -328,6 +336,27 @@ class Runtime:
         if self.distributed:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
+
+    def average_gradients(self, params: list[Tensor]) -> None:
+        """Mean of every gradient over the ranks in one flat all-reduce per gradient dtype (fp32, plus
+        bf16 for the embeddings on CUDA) rather than one per parameter. gloo has no AVG: sum, divide."""
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = self.all_reduce(torch.cat([g.reshape(-1) for g in grads])).div_(self.world_size)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        """Every rank's t, in rank order."""
+        if not self.distributed:
+            return [t]
+        every = [torch.zeros_like(t) for _ in range(self.world_size)]
+        dist.all_gather(every, t)
+        return every
 
     def close(self, status: int) -> int:
         """End a distributed run: every rank finishes every collective (the barrier) before any
@@ -741,14 +770,11 @@ CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "attn_gate
 FLASH_ATTN_FUNC = None  # set by enable_flash_attention() on CUDA when flash_attn_interface imports
 
 
-def enable_flash_attention() -> bool:
+def enable_flash_attention() -> None:
     global FLASH_ATTN_FUNC
-    try:
+    with contextlib.suppress(ImportError):
         from flash_attn_interface import flash_attn_func
-    except ImportError:
-        return False
-    FLASH_ATTN_FUNC = flash_attn_func
-    return True
+        FLASH_ATTN_FUNC = flash_attn_func
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1058,16 +1084,15 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  row_normalize: bool, nesterov: bool = True, orthogonalize=zeropower_via_newtonschulz5,
-                 ns_schedule: tuple = NS_SCHEDULES["record"]):
+                 ns_schedule: tuple = NS_SCHEDULES["record"], runtime: Runtime | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay, row_normalize=row_normalize, nesterov=nesterov))
-        # Neither is in the groups, so optimizer state dicts stay plain data.
-        self.orthogonalize, self.ns_schedule = orthogonalize, ns_schedule
+        # None of these is in the groups, so optimizer state dicts stay plain data. No runtime: one process.
+        self.orthogonalize, self.ns_schedule, self.runtime = orthogonalize, ns_schedule, runtime
 
     @torch.no_grad()
     def step(self):
-        distributed = dist.is_available() and dist.is_initialized()
-        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        world, rank = (self.runtime.world_size, self.runtime.rank) if self.runtime else (1, 0)
         for group in self.param_groups:
             params = group["params"]
             if not params:
@@ -1091,8 +1116,8 @@ class Muon(torch.optim.Optimizer):
                     g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5
                     flat[offset: offset + p.numel()] = g.flatten().to(flat_dtype)
                 offset += p.numel()
-            if distributed:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            if self.runtime:
+                self.runtime.all_reduce(flat)
             offset = 0
             for p in params:
                 update = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
@@ -1118,7 +1143,8 @@ def split_params(model: GPT, h: Hyperparameters):
     return matrix, scalar, token
 
 
-def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool, compile: bool = False) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool, compile: bool = False,
+                     runtime: Runtime | None = None) -> list[torch.optim.Optimizer]:
     matrix, scalar, token = split_params(model, h)
     # Compiled on CUDA as the record: a few fused kernels per matrix instead of ~40, and the fused
     # element-wise steps keep fp32 inside where eager rounds every intermediate to bf16.
@@ -1130,7 +1156,7 @@ def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool, compile: boo
         torch.optim.AdamW([dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr)], weight_decay=h.adam_wd, **adam),
         Muon([dict(params=matrix, lr=h.matrix_lr, base_lr=h.matrix_lr)], lr=h.matrix_lr, momentum=h.muon_momentum,
              backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd, row_normalize=h.muon_row_normalize,
-             orthogonalize=orthogonalize, ns_schedule=NS_SCHEDULES[h.muon_ns_coeffs]),
+             orthogonalize=orthogonalize, ns_schedule=NS_SCHEDULES[h.muon_ns_coeffs], runtime=runtime),
     ]
     return optimizers
 
@@ -1164,9 +1190,9 @@ def training_frac(h: Hyperparameters, step: int, elapsed_ms: float, reserve_s: f
 class Trainer:
     """One optimisation step = GRAD_ACCUM_STEPS micro-batches, clip, schedule, step, EMA."""
 
-    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, log: Logger):
-        self.h, self.rt, self.model, self.log = h, rt, model, log
-        self.optimizers = build_optimizers(model, h, rt.is_cuda, rt.compile)
+    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT):
+        self.h, self.rt, self.model = h, rt, model
+        self.optimizers = build_optimizers(model, h, rt.is_cuda, rt.compile, rt)
         self.muon = self.optimizers[-1]
         # The bare model is kept for saving and quantizing; `compiled` for evaluation; `fwd` trains.
         self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
@@ -1179,14 +1205,14 @@ class Trainer:
     def step(self, loader: ShuffledSequenceLoader, step: int, lr_scale: float) -> Tensor:
         h, rt = self.h, self.rt
         total = torch.zeros((), device=rt.device)
-        for micro in range(h.grad_accum_steps):
-            x, y = loader.next_batch(h.micro_batch_seqs)
+        for micro in range(rt.grad_accum_steps):
+            x, y = loader.next_batch(rt.micro_batch_seqs)
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             if rt.distributed:
-                self.fwd.require_backward_grad_sync = micro == h.grad_accum_steps - 1
+                self.fwd.require_backward_grad_sync = micro == rt.grad_accum_steps - 1
             with rt.autocast():
                 loss = self.fwd(x, y)
-            (loss / h.grad_accum_steps).backward()
+            (loss / rt.grad_accum_steps).backward()
             total += loss.detach()
         warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
         for group in self.muon.param_groups:
@@ -1202,7 +1228,7 @@ class Trainer:
         # Only the optimizers zero their own gradients: bigram.embed's keeps accumulating (record quirk).
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        return total / h.grad_accum_steps
+        return total / rt.grad_accum_steps
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -1246,10 +1272,10 @@ def calibration_reserve_seconds(h: Hyperparameters, rt: Runtime, model: GPT, log
     rank's training shards), before the clock starts; every rank takes the slowest rank's time."""
     looping = model.looping_active
     model.looping_active = h.num_loops > 0
-    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rt.rank, rt.world_size)
     rt.synchronize()
     t0 = time.perf_counter()
-    collect_hessians(model, loader, 1, h.micro_batch_seqs, rt)
+    collect_hessians(model, loader, 1, rt.micro_batch_seqs, rt)
     rt.synchronize()
     per_batch = rt.all_reduce(torch.tensor([time.perf_counter() - t0], device=rt.device), dist.ReduceOp.MAX).item()
     model.looping_active = looping
@@ -1264,11 +1290,11 @@ def calibration_reserve_seconds(h: Hyperparameters, rt: Runtime, model: GPT, log
 
 
 def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, log: Logger) -> Trainer:
-    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size, h.vocab_size)
-    trainer = Trainer(h, rt, model, log)
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rt.rank, rt.world_size, h.vocab_size)
+    trainer = Trainer(h, rt, model)
     warm_up(h, trainer, loader)
-    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
-    tokens_per_step = h.micro_batch_seqs * h.train_seq_len * h.grad_accum_steps * h.world_size
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rt.rank, rt.world_size)
+    tokens_per_step = rt.micro_batch_seqs * h.train_seq_len * rt.grad_accum_steps * rt.world_size
     reserve_s, cap_ms = h.gptq_reserve_seconds, None
     if h.max_wallclock_seconds > 0:
         if reserve_s is None:
@@ -1344,12 +1370,7 @@ def log_weights_checksum(model: nn.Module, rt: Runtime, log: Logger) -> None:
         digest.update(k.encode())
         digest.update(v.detach().float().cpu().numpy().tobytes())
     mine = torch.tensor([int.from_bytes(digest.digest()[:7], "big")], dtype=torch.int64, device=rt.device)
-    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
-    if rt.distributed:
-        dist.all_gather(every, mine)
-    else:
-        every = [mine]
-    values = [f"{int(t.item()):014x}" for t in every]
+    values = [f"{int(t.item()):014x}" for t in rt.all_gather(mine)]
     log(f"weights_checksum:{values[0]} ranks:{','.join(values)} ranks_agree:{int(len(set(values)) == 1)}")
 
 
@@ -1942,7 +1963,7 @@ def rank_share(n: int, rank: int, world: int) -> range:
 
 
 @torch.no_grad()
-def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtime, luts, trace=None):
+def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtime, luts) -> Tensor:
     """Sum of NLL, scored token count and byte count over the windows (this rank's share only).
     `model` is the GPT or its compiled wrapper; compiled, every batch is padded to one shape."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
@@ -1960,8 +1981,6 @@ def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtim
             x[r, : end - start] = tokens[start:end]
             y[r, : end - start] = tokens[start + 1: end + 1]
             mask[r, score_from - start: end - start] = True  # later padding cannot reach earlier positions: causal
-            if trace is not None:
-                trace.append(("score", score_from, end))
         x, y, mask = x.to(rt.device), y.to(rt.device), mask.to(rt.device)
         with rt.autocast():
             nll = model(x, y, reduction="none")
@@ -1979,17 +1998,26 @@ def summarize(sums: Tensor, rt: Runtime) -> tuple[float, float]:
     return val_loss, val_loss / math.log(2) * n_tokens / n_bytes
 
 
-def evaluate_plain(h, rt, model, val_tokens, luts):
+class EvalResult(NamedTuple):
+    val_loss: float
+    val_bpb: float
+    eval_ms: float
+
+
+# Every evaluation: (h, rt, model, val_tokens, luts, log) -> EvalResult; `log` gets progress lines.
+def evaluate_plain(h, rt, model, val_tokens, luts, log=None) -> EvalResult:
+    """One pass of EVAL_SEQ_LEN windows, each scoring all its targets (no progress to report)."""
     t0 = time.perf_counter()
     windows = make_windows(val_tokens.numel() - 1, h.eval_seq_len, h.eval_seq_len)
     mine = [windows[i] for i in rank_share(len(windows), rt.rank, rt.world_size)]
     was_training = model.training
     loss, bpb = summarize(score_windows(model, val_tokens, mine, h, rt, luts), rt)
     model.train(was_training)
-    return loss, bpb, 1000 * (time.perf_counter() - t0)
+    return EvalResult(loss, bpb, 1000 * (time.perf_counter() - t0))
 
 
-def evaluate_sliding(h, rt, model, val_tokens, luts, log=None, trace=None):
+def evaluate_sliding(h, rt, model, val_tokens, luts, log=None) -> EvalResult:
+    """Windows of EVAL_SEQ_LEN every EVAL_STRIDE tokens, each scoring only its new targets."""
     t0 = time.perf_counter()
     windows = make_windows(val_tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
     mine = [windows[i] for i in rank_share(len(windows), rt.rank, rt.world_size)]
@@ -1997,76 +2025,66 @@ def evaluate_sliding(h, rt, model, val_tokens, luts, log=None, trace=None):
     # About ten progress lines, each a whole number of batches.
     step = max(1, math.ceil(len(mine) / 10 / h.eval_batch_seqs)) * h.eval_batch_seqs
     for b in range(0, len(mine), step):
-        sums += score_windows(model, val_tokens, mine[b: b + step], h, rt, luts, trace)
+        sums += score_windows(model, val_tokens, mine[b: b + step], h, rt, luts)
         if log is not None and b + step < len(mine):
             elapsed = time.perf_counter() - t0
             done = (b + step) / len(mine)
             log(f"sliding_progress windows:{b + step}/{len(mine)} elapsed:{elapsed:.0f}s eta:{elapsed / done - elapsed:.0f}s")
     loss, bpb = summarize(sums, rt)
-    return loss, bpb, 1000 * (time.perf_counter() - t0)
+    return EvalResult(loss, bpb, 1000 * (time.perf_counter() - t0))
 
 
-def average_gradients(params: list[Tensor], rt: Runtime) -> None:
-    """Mean of every gradient over the ranks in one flat all-reduce per gradient dtype (fp32, plus
-    bf16 for the embeddings on CUDA) rather than one per parameter. gloo has no AVG: sum, divide."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = rt.all_reduce(torch.cat([g.reshape(-1) for g in grads])).div_(rt.world_size)
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
+def ttt_batches(h: Hyperparameters, rt: Runtime, chunk_start: int, chunk_end: int) -> list[list[int]]:
+    """This rank's TTT batches of one chunk: start offsets of whole EVAL_SEQ_LEN sequences. Every
+    rank gets the same number of batches (some may be empty) so the gradient all-reduce stays matched."""
+    L, B = h.eval_seq_len, h.ttt_batch_seqs
+    n_seqs = (chunk_end - chunk_start) // L
+    mine = [chunk_start + i * L for i in rank_share(n_seqs, rt.rank, rt.world_size)]
+    return [mine[s * B: (s + 1) * B] for s in range(math.ceil(math.ceil(n_seqs / rt.world_size) / B))]
 
 
-def evaluate_ttt(h, rt, model, val_tokens, luts, log=None, trace=None):
+def _ttt_adapt(h: Hyperparameters, rt: Runtime, model, opt, val_tokens: Tensor, batches: list[list[int]]) -> None:
+    """TTT_EPOCHS passes of SGD over one scored chunk's batches; gradients are averaged over ranks."""
+    params = opt.param_groups[0]["params"]
+    model.train()
+    for _ in range(h.ttt_epochs):
+        for starts in batches:
+            opt.zero_grad(set_to_none=False)
+            if starts:
+                xy = torch.stack([val_tokens[st: st + h.eval_seq_len + 1] for st in starts]).to(rt.device)
+                with rt.autocast():
+                    loss = model(xy[:, :-1], xy[:, 1:])
+                loss.backward()
+            if rt.distributed:
+                rt.average_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+            opt.step()
+
+
+def evaluate_ttt(h, rt, model, val_tokens, luts, log=None) -> EvalResult:
     """Score-first TTT. Each chunk's windows are scored under no_grad before the model trains on
     that chunk's tokens, so no target is ever predicted by weights that have seen it; the last
     chunk is never trained on (nothing is left to score)."""
-    t0 = time.perf_counter()
+    t0 = last_log = time.perf_counter()
     num_targets = val_tokens.numel() - 1
-    windows = make_windows(num_targets, h.eval_seq_len, h.eval_stride)
     num_chunks = (num_targets + h.ttt_chunk_tokens - 1) // h.ttt_chunk_tokens
     by_chunk = [[] for _ in range(num_chunks)]
-    for w in windows:
+    for w in make_windows(num_targets, h.eval_seq_len, h.eval_stride):
         by_chunk[w[1] // h.ttt_chunk_tokens].append(w)
     params = list(model.parameters())  # every parameter adapts, bigram.embed included
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    L = h.eval_seq_len
-    last_log = t0
     for c in range(num_chunks):
         mine = [by_chunk[c][i] for i in rank_share(len(by_chunk[c]), rt.rank, rt.world_size)]
-        sums += score_windows(model, val_tokens, mine, h, rt, luts, trace)
+        sums += score_windows(model, val_tokens, mine, h, rt, luts)
         if c < num_chunks - 1 and h.ttt_epochs > 0:
-            lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for group in opt.param_groups:  # cosine over chunks
+                group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
             chunk_start = c * h.ttt_chunk_tokens
-            n_seqs = (min(chunk_start + h.ttt_chunk_tokens, num_targets) - chunk_start) // L
-            seqs = rank_share(n_seqs, rt.rank, rt.world_size)
-            # Every rank takes the same number of steps so the gradient all-reduce stays matched.
-            steps = math.ceil(math.ceil(n_seqs / rt.world_size) / h.ttt_batch_seqs)
-            model.train()
-            for _ in range(h.ttt_epochs):
-                for s in range(steps):
-                    batch = seqs[s * h.ttt_batch_seqs: (s + 1) * h.ttt_batch_seqs]
-                    opt.zero_grad(set_to_none=False)
-                    if len(batch):
-                        starts = [chunk_start + i * L for i in batch]
-                        xy = torch.stack([val_tokens[st: st + L + 1] for st in starts]).to(rt.device)
-                        if trace is not None:
-                            trace.append(("train", starts[0], starts[-1] + L))
-                        with rt.autocast():
-                            loss = model(xy[:, :-1], xy[:, 1:])
-                        loss.backward()
-                    if rt.distributed:
-                        average_gradients(params, rt)
-                    torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
-                    opt.step()
+            chunk_end = min(chunk_start + h.ttt_chunk_tokens, num_targets)
+            _ttt_adapt(h, rt, model, opt, val_tokens, ttt_batches(h, rt, chunk_start, chunk_end))
         now = time.perf_counter()
         if log is not None and (now - last_log > 30 or c == num_chunks - 1):
             last_log = now
@@ -2074,7 +2092,7 @@ def evaluate_ttt(h, rt, model, val_tokens, luts, log=None, trace=None):
                 f"eta:{(now - t0) / (c + 1) * (num_chunks - c - 1):.0f}s")
     model.eval()
     loss, bpb = summarize(sums, rt)
-    return loss, bpb, 1000 * (time.perf_counter() - t0)
+    return EvalResult(loss, bpb, 1000 * (time.perf_counter() - t0))
 
 
 def maybe_compile(model: GPT, rt: Runtime):
@@ -2090,8 +2108,7 @@ def run_evaluations(h, rt, val_tokens, luts, log) -> None:
         stages.append(("quantized_ttt", evaluate_ttt))
     for label, fn in stages:
         model = load_quantized_model(h, rt, h.quantized_model_path)
-        kwargs = {} if fn is evaluate_plain else {"log": log}
-        loss, bpb, ms = fn(h, rt, maybe_compile(model, rt), val_tokens, luts, **kwargs)
+        loss, bpb, ms = fn(h, rt, maybe_compile(model, rt), val_tokens, luts, log)
         log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
         check_finite(label, loss, bpb)
         del model
@@ -2118,12 +2135,13 @@ def log_header(h: Hyperparameters, rt: Runtime, log: Logger, code: bytes) -> Non
     log(f"hardware: {hw} cpus:{os.cpu_count()}")
     log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__}"
         + (f" cuda:{torch.version.cuda}" if rt.is_cuda else ""))
-    for name, value in h.items():
+    # GRAD_ACCUM_STEPS is logged as resolved for this layout (0 means 8 // WORLD_SIZE).
+    for name, value in dataclasses.replace(h, grad_accum_steps=rt.grad_accum_steps).items():
         log(f"hparam:{name}={value}", console=False)
     for warning in h.env_warnings:
         log(f"WARNING: {warning}")
     log(f"attention:{'flash_attn_3' if FLASH_ATTN_FUNC is not None else 'sdpa'} compile:{int(rt.compile)} "
-        f"grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{h.micro_batch_seqs}")
+        f"grad_accum_steps:{rt.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs}")
 
 
 def quantize_and_save(h, rt, model, log, code_bytes: int, train_ms: float | None = None) -> int:
@@ -2134,8 +2152,8 @@ def quantize_and_save(h, rt, model, log, code_bytes: int, train_ms: float | None
     # have nothing to calibrate unless GPTQ_HESSIAN_ALL_RANKS=1 averages everyone's.
     hessians = {}
     if rt.is_main or h.gptq_hessian_all_ranks:
-        loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
-        hessians = collect_hessians(model, loader, h.gptq_calibration_batches, h.micro_batch_seqs, rt,
+        loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rt.rank, rt.world_size)
+        hessians = collect_hessians(model, loader, h.gptq_calibration_batches, rt.micro_batch_seqs, rt,
                                     all_ranks=h.gptq_hessian_all_ranks)
     calibration_ms = 1000 * (time.perf_counter() - t0)
     log(f"gptq:collected {len(hessians)} hessians from {h.gptq_calibration_batches} training batches "
@@ -2162,7 +2180,7 @@ def quantize_and_save(h, rt, model, log, code_bytes: int, train_ms: float | None
 
 
 def main() -> int:
-    h = Hyperparameters()
+    h = Hyperparameters.from_env()
     rt = Runtime(h)
     log = Logger(f"logs/{h.run_id}.txt" if rt.is_main else None)
     if rt.is_cuda:

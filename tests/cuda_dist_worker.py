@@ -29,7 +29,7 @@ import train_gpt as tg  # noqa: E402
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     out = Path(out_dir)
-    h = tg.Hyperparameters(compile=True, quantized_model_path=str(out / "artifact.ptz"))
+    h = tg.Hyperparameters.from_env(compile=True, quantized_model_path=str(out / "artifact.ptz"))
     rt = tg.Runtime(h)
 
     graphs: list[int] = []
@@ -46,8 +46,8 @@ def main(out_dir: str) -> None:
     dist._DEFAULT_FIRST_BUCKET_BYTES = 16 * 1024
 
     model = tg.build_model(h, rt.device, rt.is_cuda)
-    trainer = tg.Trainer(h, rt, model, tg.Logger(None))
-    loader = tg.ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
+    trainer = tg.Trainer(h, rt, model)
+    loader = tg.ShuffledSequenceLoader(h.train_files, h.train_seq_len, rt.rank, rt.world_size)
     per_mode = {}
     for looping in (False, True):
         model.looping_active = looping

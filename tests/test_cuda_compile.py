@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -71,15 +70,13 @@ class RandomLoader:
 @pytest.mark.parametrize("kernels", [{}, dict(fused_ce=True, fused_mlp=True)], ids=["math", "kernels"])
 def test_whole_run_compiles_four_graphs_without_breaks(graphs, kernels):
     h = tg.Hyperparameters(**TINY, **kernels)
-    rt = types.SimpleNamespace(
-        h=h, rank=0, world_size=1, is_main=True, device=torch.device("cpu"), is_cuda=False, distributed=False,
-        compile=True, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16), synchronize=lambda: None,
-        barrier=lambda: None, all_reduce=lambda t, op=None: t)
+    rt = tg.Runtime(h, environ={})  # one CPU process, compiling, with CPU bf16 autocast standing in for CUDA's
+    rt.compile, rt.autocast = True, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     luts = (torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
     tokens = torch.randint(4, V, (10 * h.eval_seq_len + 1,), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     model = tg.build_model(h, torch.device("cpu"), is_cuda=True)  # bf16 embeddings and inv_freq, as on GPU
-    trainer = tg.Trainer(h, rt, model, tg.Logger(None))
+    trainer = tg.Trainer(h, rt, model)
     loader = RandomLoader(h.train_seq_len)
 
     for looping in (False, True):

@@ -59,7 +59,7 @@ def test_ddp_under_compile_one_graph_per_mode(dist_run):
 def rank_hessians(model, h, rank: int) -> dict:
     rt = tg.Runtime(h)  # single process: collect_hessians reduces nothing
     loader = tg.ShuffledSequenceLoader(h.train_files, h.train_seq_len, rank, 2)
-    return tg.collect_hessians(model, loader, h.gptq_calibration_batches, h.micro_batch_seqs, rt)
+    return tg.collect_hessians(model, loader, h.gptq_calibration_batches, rt.micro_batch_seqs, rt)
 
 
 def artifact(path: Path) -> dict:
@@ -85,7 +85,7 @@ def test_artifact_is_quantized_from_rank0_hessians_alone(dist_run, monkeypatch):
     for k, v in dict(SETTINGS, TRAIN_BATCH_TOKENS=str(int(SETTINGS["TRAIN_BATCH_TOKENS"]) // 2),
                      DATA_DIR=dist_run["data_dir"]).items():
         monkeypatch.setenv(k, v)
-    h = tg.Hyperparameters()
+    h = tg.Hyperparameters.from_env()
     model = tg.build_model(h, torch.device("cpu"), is_cuda=False)
     tg.load_into_model(model, torch.load(out / "model.pt", weights_only=True), "model.pt")
     model.looping_active = True

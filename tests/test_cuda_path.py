@@ -11,11 +11,9 @@ The two-process checks (DDP under compile, rank 0's Hessians) are in test_cuda_d
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -47,12 +45,12 @@ def make_h(**overrides) -> tg.Hyperparameters:
     return tg.Hyperparameters(**{**TINY, **overrides})
 
 
-def stub_runtime(h, **overrides):
-    rt = dict(h=h, rank=0, world_size=1, is_main=True, device=torch.device("cpu"), is_cuda=False,
-              distributed=False, compile=False, autocast=contextlib.nullcontext, synchronize=lambda: None,
-              barrier=lambda: None, all_reduce=lambda t, op=None: t)
-    rt.update(overrides)
-    return types.SimpleNamespace(**rt)
+def cpu_runtime(h, **overrides):
+    """The real single-process CPU Runtime, with the attributes named replaced (a stub all_reduce)."""
+    rt = tg.Runtime(h, environ={})
+    for name, value in overrides.items():
+        setattr(rt, name, value)
+    return rt
 
 
 def fake_luts(vocab: int = V):
@@ -272,7 +270,7 @@ def test_scoring_has_no_data_dependent_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     h = make_h()
-    rt = stub_runtime(h, compile=True)  # padded batches, as compiled
+    rt = cpu_runtime(h, compile=True)  # padded batches, as compiled
     torch.manual_seed(0)
     model = tg.GPT(h)
     model.looping_active = True
@@ -300,7 +298,7 @@ def test_ttt_averages_gradients_in_one_all_reduce_per_step_and_dtype():
         torch.manual_seed(0)
         model = tg.build_model(h, torch.device("cpu"), is_cuda=is_cuda)
         model.looping_active = True
-        rt = stub_runtime(h, distributed=True, all_reduce=all_reduce)
+        rt = cpu_runtime(h, distributed=True, all_reduce=all_reduce)
         tokens = torch.randint(4, V, (3 * h.ttt_chunk_tokens + 1,))
         calls.clear()
         tg.evaluate_ttt(h, rt, model, tokens, fake_luts())
@@ -315,6 +313,6 @@ def test_ttt_averages_gradients_in_one_all_reduce_per_step_and_dtype():
     model = tg.build_model(h, torch.device("cpu"), is_cuda=True)
     model(torch.randint(0, V, (2, 16)), torch.randint(0, V, (2, 16))).backward()
     before = {n: p.grad.clone() for n, p in model.named_parameters()}
-    tg.average_gradients(list(model.parameters()), stub_runtime(h, distributed=True, world_size=2, all_reduce=all_reduce))
+    cpu_runtime(h, distributed=True, world_size=2, all_reduce=all_reduce).average_gradients(list(model.parameters()))
     for n, p in model.named_parameters():
         assert p.grad.dtype == before[n].dtype and torch.equal(p.grad, before[n]), n

@@ -182,6 +182,25 @@ def capture_sums(monkeypatch) -> list[list[float]]:
     return seen
 
 
+def record_trace(monkeypatch) -> list[tuple[str, int, int]]:
+    """Trace entries of every later evaluation, in the order they happen: ("score", a, b) for each
+    window handed to score_windows, ("train", a, b) for each TTT batch of each epoch."""
+    trace = []
+    score_windows, ttt_adapt = train_gpt.score_windows, train_gpt._ttt_adapt
+
+    def scored(model, tokens, windows, *args, **kwargs):
+        trace.extend(("score", f, e) for _, f, e in windows)
+        return score_windows(model, tokens, windows, *args, **kwargs)
+
+    def adapted(h, rt, model, opt, val_tokens, batches):
+        trace.extend(("train", b[0], b[-1] + h.eval_seq_len) for _ in range(h.ttt_epochs) for b in batches if b)
+        return ttt_adapt(h, rt, model, opt, val_tokens, batches)
+
+    monkeypatch.setattr(train_gpt, "score_windows", scored)
+    monkeypatch.setattr(train_gpt, "_ttt_adapt", adapted)
+    return trace
+
+
 def check_score_trace(trace, n_targets: int) -> None:
     """Condition (4): the score entries cover 0..n_targets-1, each target exactly once."""
     count = torch.zeros(n_targets, dtype=torch.int64)
@@ -196,9 +215,13 @@ def sliding_and_ttt(h, rt, n_tokens: int, seed: int) -> dict:
     """The distributed comparison's case: sliding evaluation, then TTT on a fresh copy of the same
     model. Run by the single-process test and by every torchrun rank of the worker."""
     tokens, luts = make_stream(n_tokens, seed), fake_luts()
-    sliding_trace, ttt_trace = [], []
-    s_loss, s_bpb, _ = train_gpt.evaluate_sliding(h, rt, build_model(h, seed), tokens, luts, trace=sliding_trace)
-    t_loss, t_bpb, _ = train_gpt.evaluate_ttt(h, rt, build_model(h, seed), tokens, luts, trace=ttt_trace)
+    with pytest.MonkeyPatch.context() as mp:
+        trace = record_trace(mp)
+        s_loss, s_bpb, _ = train_gpt.evaluate_sliding(h, rt, build_model(h, seed), tokens, luts)
+        sliding_trace = trace[:]
+        trace.clear()
+        t_loss, t_bpb, _ = train_gpt.evaluate_ttt(h, rt, build_model(h, seed), tokens, luts)
+        ttt_trace = trace[:]
     return dict(sliding=[s_loss, s_bpb], ttt=[t_loss, t_bpb], sliding_trace=sliding_trace, ttt_trace=ttt_trace)
 
 
@@ -275,8 +298,8 @@ def test_condition_single_pass_sliding_trace(h, rt, monkeypatch):
     progress chunks) scores each target once; its totals count N tokens and the LUT bytes of N."""
     tokens, luts = make_stream(1002, seed=1), fake_luts()
     h.eval_batch_seqs = 8
-    sums, trace, lines = capture_sums(monkeypatch), [], []
-    train_gpt.evaluate_sliding(h, rt, build_model(h), tokens, luts, log=lines.append, trace=trace)
+    sums, trace, lines = capture_sums(monkeypatch), record_trace(monkeypatch), []
+    train_gpt.evaluate_sliding(h, rt, build_model(h), tokens, luts, log=lines.append)
     check_score_trace(trace, 1001)
     assert all(kind == "score" for kind, _, _ in trace)
     (_, n_tokens, n_bytes), = sums
@@ -327,8 +350,8 @@ def test_sliding_matches_brute_force_per_token(stride, rt, monkeypatch):
     shows the scorer's predictions are causal (1) and single-pass (4)."""
     h = make_h(eval_stride=stride, ttt_chunk_tokens=256)
     tokens, luts, model = make_stream(301, seed=4), fake_luts(), build_model(h)
-    calls, trace = record_forward(monkeypatch), []
-    loss, bpb, _ = train_gpt.evaluate_sliding(h, rt, model, tokens, luts, trace=trace)
+    calls, trace = record_forward(monkeypatch), record_trace(monkeypatch)
+    loss, bpb, _ = train_gpt.evaluate_sliding(h, rt, model, tokens, luts)
     ref = brute_force_nll(model, tokens, h.eval_seq_len, stride)
     assert rel(loss, ref.mean().item()) < 1e-5
     scored = per_target_nll(calls, trace, tokens, h.eval_seq_len, stride)
@@ -411,8 +434,8 @@ def test_condition_normalized_scorer_values_are_softmax_nll(h, rt, monkeypatch):
     """Every value the sliding scorer adds up is -log p(target) under log_softmax of
     forward_logits over the full vocabulary, and their mean is the reported loss."""
     tokens, luts, model = make_stream(513, seed=7), fake_luts(), build_model(h)
-    calls, trace = record_forward(monkeypatch), []
-    loss, _, _ = train_gpt.evaluate_sliding(h, rt, model, tokens, luts, trace=trace)
+    calls, trace = record_forward(monkeypatch), record_trace(monkeypatch)
+    loss, _, _ = train_gpt.evaluate_sliding(h, rt, model, tokens, luts)
     for c in calls:
         with torch.no_grad():
             logp = F.log_softmax(model.forward_logits(c["ids"]).double(), dim=-1)
@@ -450,12 +473,12 @@ def test_condition_causal_sliding(stride, rt, monkeypatch):
     a target's own label into its prediction is caught by the model and brute-force tests.)"""
     h = make_h(eval_stride=stride, ttt_chunk_tokens=256)
     tokens, luts, model = make_stream(321, seed=9), fake_luts(), build_model(h)
-    calls = record_forward(monkeypatch)
+    calls, trace = record_forward(monkeypatch), record_trace(monkeypatch)
 
     def scores(toks):
         calls.clear()
-        trace = []
-        train_gpt.evaluate_sliding(h, rt, model, toks, luts, trace=trace)
+        trace.clear()
+        train_gpt.evaluate_sliding(h, rt, model, toks, luts)
         return per_target_nll(calls, trace, toks, h.eval_seq_len, stride)
 
     base = scores(tokens)
@@ -475,12 +498,12 @@ def test_condition_causal_ttt(rt, monkeypatch):
     h = make_h()
     tokens, luts = make_stream(4 * 256 + 1, seed=10), fake_luts()
     chunk = h.ttt_chunk_tokens
-    calls = record_forward(monkeypatch)
+    calls, trace = record_forward(monkeypatch), record_trace(monkeypatch)
 
     def scores(toks):
         calls.clear()
-        trace = []
-        train_gpt.evaluate_ttt(h, rt, build_model(h), toks, luts, trace=trace)
+        trace.clear()
+        train_gpt.evaluate_ttt(h, rt, build_model(h), toks, luts)
         return per_target_nll(calls, trace, toks, h.eval_seq_len, h.eval_stride)
 
     base = scores(tokens)
@@ -538,8 +561,8 @@ def test_condition_score_before_update_trace(rt, monkeypatch):
         return sgd_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.SGD, "step", step)
-    trace = []
-    train_gpt.evaluate_ttt(h, rt, model, tokens, luts, trace=trace)
+    trace = record_trace(monkeypatch)
+    train_gpt.evaluate_ttt(h, rt, model, tokens, luts)
 
     scored = torch.zeros(n, dtype=torch.bool)
     trained_chunks = []
@@ -632,8 +655,8 @@ def test_condition_score_before_update_matches_reference_loop(rt, monkeypatch):
     also differ clearly from no adaptation after the first chunk: the comparison has teeth."""
     h = make_h()
     tokens, luts, model = make_stream(3 * 256 + 1, seed=13), fake_luts(), build_model(h)
-    calls, trace = record_forward(monkeypatch), []
-    loss, _, _ = train_gpt.evaluate_ttt(h, rt, copy.deepcopy(model), tokens, luts, trace=trace)
+    calls, trace = record_forward(monkeypatch), record_trace(monkeypatch)
+    loss, _, _ = train_gpt.evaluate_ttt(h, rt, copy.deepcopy(model), tokens, luts)
     monkeypatch.undo()
     scored = per_target_nll(calls, trace, tokens, h.eval_seq_len, h.eval_stride)
     ref = reference_ttt(model, tokens, h)

@@ -241,8 +241,8 @@ def test_tiny_training_and_evaluation_match_with_switches_on(tiny_data):
         rt = tg.Runtime(h)
         torch.manual_seed(h.seed)
         model = tg.build_model(h, rt.device, rt.is_cuda)
-        trainer = tg.Trainer(h, rt, model, tg.Logger(None))
-        loader = tg.ShuffledSequenceLoader(h.train_files, h.train_seq_len, h.rank, h.world_size)
+        trainer = tg.Trainer(h, rt, model)
+        loader = tg.ShuffledSequenceLoader(h.train_files, h.train_seq_len, rt.rank, rt.world_size)
         losses = [trainer.step(loader, step, 1.0).item() for step in range(6)]
         val = tg.load_validation_tokens(h.val_files, h.eval_seq_len, h.vocab_size)[: 2 * 256 + 1]
         luts = (torch.ones(h.vocab_size, dtype=torch.int16), torch.zeros(h.vocab_size, dtype=torch.bool),

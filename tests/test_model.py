@@ -7,10 +7,10 @@ the full configuration is only ever built on the meta device.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import math
+import sys
 import types
 from pathlib import Path
 
@@ -204,18 +204,18 @@ def test_world_size_must_divide_eight(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="WORLD_SIZE=3"):
-        tg.Hyperparameters()
+        tg.Runtime(tg.Hyperparameters())
 
 
 def test_bad_env_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("NUM_LAYERS", "abc")
     with pytest.raises(ValueError) as exc:
-        tg.Hyperparameters()
+        tg.Hyperparameters.from_env()
     assert "NUM_LAYERS" in str(exc.value) and "abc" in str(exc.value)
     monkeypatch.setenv("NUM_LAYERS", "11")
     monkeypatch.setenv("TTT_ENABLED", "maybe")
     with pytest.raises(ValueError, match="TTT_ENABLED"):
-        tg.Hyperparameters()
+        tg.Hyperparameters.from_env()
 
 
 def test_env_is_read_at_construction_not_import(monkeypatch):
@@ -223,16 +223,20 @@ def test_env_is_read_at_construction_not_import(monkeypatch):
     monkeypatch.setenv("NUM_LAYERS", "abc")
     spec = importlib.util.spec_from_file_location("train_gpt_fresh_import", ROOT / "train_gpt.py")
     fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, fresh)  # as import does: dataclasses look the module up
     spec.loader.exec_module(fresh)
     with pytest.raises(ValueError, match="NUM_LAYERS"):
-        fresh.Hyperparameters()
-    # ...and a value set after import is seen by a new Hyperparameters(), with keywords winning.
+        fresh.Hyperparameters.from_env()
+    # ...and a value set after import is seen by from_env(), with keywords winning; the
+    # constructor itself is the defaults whatever the environment holds.
     monkeypatch.setenv("NUM_LAYERS", "9")
-    assert fresh.Hyperparameters().num_layers == 9
-    assert tg.Hyperparameters().num_layers == 9
-    assert tg.Hyperparameters(num_layers=7).num_layers == 7
-    monkeypatch.delenv("NUM_LAYERS")
+    assert fresh.Hyperparameters.from_env().num_layers == 9
+    assert tg.Hyperparameters.from_env().num_layers == 9
+    assert tg.Hyperparameters.from_env(num_layers=7).num_layers == 7
     assert tg.Hyperparameters().num_layers == 11
+    assert tg.Hyperparameters.from_env({"NUM_LAYERS": "8"}).num_layers == 8  # environ: any mapping
+    monkeypatch.delenv("NUM_LAYERS")
+    assert tg.Hyperparameters.from_env().num_layers == 11
 
 
 # -----------------------------------------------------------------------------
@@ -691,13 +695,6 @@ class FixedLoader:
         return t[:, :-1], t[:, 1:]
 
 
-def fake_runtime(h: tg.Hyperparameters):
-    return types.SimpleNamespace(
-        h=h, rank=0, world_size=1, is_main=True, device=torch.device("cpu"), is_cuda=False, distributed=False,
-        compile=False, autocast=contextlib.nullcontext, synchronize=lambda: None, barrier=lambda: None,
-        all_reduce=lambda t, op=None: t)
-
-
 def raw_grads(model: tg.GPT, x, y) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(model)
     model.zero_grad(set_to_none=True)
@@ -709,8 +706,9 @@ def test_grad_clip_quirk_bigram_embed_stays_zero_and_accumulates():
     torch.manual_seed(21)
     h = tiny_h()
     model = tg.GPT(h)
-    trainer = tg.Trainer(h, fake_runtime(h), model, tg.Logger(None))
-    rows = h.micro_batch_seqs
+    rt = tg.Runtime(h, environ={})  # one CPU process
+    trainer = tg.Trainer(h, rt, model)
+    rows = rt.micro_batch_seqs
     data = FixedLoader(h.vocab_size, h.train_seq_len, seed=22)
     batches = [data.next_batch(rows) for _ in range(2)]
     replay = iter(batches)
@@ -741,7 +739,7 @@ def test_warm_up_restores_state_but_keeps_the_stray_bigram_gradient():
     torch.manual_seed(23)
     h = tiny_h(warmup_steps=3)
     model = tg.GPT(h)
-    trainer = tg.Trainer(h, fake_runtime(h), model, tg.Logger(None))
+    trainer = tg.Trainer(h, tg.Runtime(h, environ={}), model)
     before = copy.deepcopy(model.state_dict())
     data = FixedLoader(h.vocab_size, h.train_seq_len, seed=24)
     tg.warm_up(h, trainer, data)

@@ -124,15 +124,15 @@ BAD_SETTINGS = [
 def test_bad_setting_is_refused_with_variable_and_value(env, named, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(ValueError) as exc:
-        train_gpt.Hyperparameters()
+    with pytest.raises(ValueError) as exc:  # the batch split is checked by Runtime, before any device work
+        train_gpt.Runtime(train_gpt.Hyperparameters.from_env())
     assert named in str(exc.value)
 
 
 def test_misspelt_setting_gets_a_warning_naming_the_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("NUM_LAYER", "3")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # not a setting, and nothing like one
-    h = train_gpt.Hyperparameters()
+    h = train_gpt.Hyperparameters.from_env()
     assert h.env_warnings == ["environment variable NUM_LAYER='3' is not a setting; did you mean NUM_LAYERS?"]
     log = train_gpt.Logger(str(tmp_path / "log.txt"))
     train_gpt.log_header(h, train_gpt.Runtime(h), log, b"code")
@@ -336,7 +336,7 @@ import torch, train_gpt
 open(sys.argv[2] + os.environ["RANK"], "w").close()
 while not all(os.path.exists(sys.argv[2] + r) for r in "01"):
     time.sleep(0.05)
-h = train_gpt.Hyperparameters()
+h = train_gpt.Hyperparameters.from_env()
 rt = train_gpt.Runtime(h)
 rt.all_reduce(torch.ones(1))  # both ranks alive and connected
 if rt.rank == 1:
@@ -527,7 +527,7 @@ atexit.register(threads_at_finalization)
 torch.set_num_threads(1)
 h = tiny_h()
 rt = train_gpt.Runtime(h)
-trainer = train_gpt.Trainer(h, rt, train_gpt.GPT(h), train_gpt.Logger(None))  # wraps the model in DDP
+trainer = train_gpt.Trainer(h, rt, train_gpt.GPT(h))  # wraps the model in DDP
 x = torch.randint(0, h.vocab_size, (2, h.train_seq_len))
 trainer.fwd(x, x).backward()
 del trainer
