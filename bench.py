@@ -828,7 +828,7 @@ def run_quant(args) -> int:
         deq = tg.dequantize_state_dict(w, m)
         key = hashlib.sha256(b"".join(deq[k].numpy().tobytes() for k in sorted(deq))).hexdigest()
         row = {"variant": label, "settings": settings, "brotli_bytes": sizes["brotli"], "family_bytes": sizes["family"],
-               "quant_seconds": round(t_quant, 1), "lqer": [x for x in tg.category_table(m, w) if x.startswith("lqer:")],
+               "quant_seconds": round(t_quant, 1), "lqer": [x for x in tg.category_table(w, m) if x.startswith("lqer:")],
                "families": families}
         if key in evaluated:
             row.update(evaluated[key], same_weights_as=evaluated[key]["variant"])

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 # -----------------------------------------------------------------------------
 # CONFIG
-# Every knob is an upper-case environment variable of the same name. Defaults are the
-# record's launch, so `SEED=42 torchrun --standalone --nproc_per_node=8 train_gpt.py`
-# reproduces it. Tests pass keyword overrides instead of touching the environment.
+#   Every knob is an upper-case environment variable of the same name. Defaults are the
+#   record's launch, so `SEED=42 torchrun --standalone --nproc_per_node=8 train_gpt.py`
+#   reproduces it. Tests pass keyword overrides instead of touching the environment.
 # -----------------------------------------------------------------------------
 
 SIZE_LIMIT_BYTES = 16_000_000
@@ -264,9 +264,9 @@ def _parse_env(name: str, typ: type, raw: str):
 
 # -----------------------------------------------------------------------------
 # DEVICE & DISTRIBUTED
-# The device is chosen once. CUDA gets bf16 autocast, compile and fused optimizers;
-# CPU runs plain fp32 eager so it is exact and debuggable. A process group exists only
-# when torchrun set RANK/WORLD_SIZE: NCCL on GPU, gloo on CPU.
+#   The device is chosen once. CUDA gets bf16 autocast, compile and fused optimizers;
+#   CPU runs plain fp32 eager so it is exact and debuggable. A process group exists only
+#   when torchrun set RANK/WORLD_SIZE: NCCL on GPU, gloo on CPU.
 # -----------------------------------------------------------------------------
 
 
@@ -393,9 +393,9 @@ class Logger:
 
 # -----------------------------------------------------------------------------
 # TOKENIZER & BPB
-# bpb = (nats/token / ln 2) * (tokens/bytes). The byte count of each scored token comes
-# from lookup tables over the vocabulary; this is where submissions have been
-# disqualified, so each rule below is pinned by a test.
+#   bpb = (nats/token / ln 2) * (tokens/bytes). The byte count of each scored token comes
+#   from lookup tables over the vocabulary; this is where submissions have been
+#   disqualified, so each rule below is pinned by a test.
 # -----------------------------------------------------------------------------
 
 
@@ -452,10 +452,10 @@ def load_tokenizer(h: Hyperparameters):
 
 # -----------------------------------------------------------------------------
 # DATA
-# Shards: 256 int32 header words (magic, version, n_tokens), then n_tokens uint16 ids.
-# The training loader reproduces the record's draw sequence call for call (SPEC §1): each
-# rank owns every world_size-th shard and an RNG seeded with its rank (not SEED), so every
-# seed sees the same data and a run is step-comparable with the record's.
+#   Shards: 256 int32 header words (magic, version, n_tokens), then n_tokens uint16 ids.
+#   The training loader reproduces the record's draw sequence call for call (SPEC §1): each
+#   rank owns every world_size-th shard and an RNG seeded with its rank (not SEED), so every
+#   seed sees the same data and a run is step-comparable with the record's.
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
@@ -554,22 +554,22 @@ class ShuffledSequenceLoader:
 
 # -----------------------------------------------------------------------------
 # KERNELS
-# Two optional Triton kernels, each behind a switch that is off by default (the record's PyTorch
-# math runs unless FUSED_CE=1 / FUSED_MLP=1):
-# - soft-capped cross-entropy: streams the head's raw logits in blocks over the vocabulary,
-#   soft-caps them in registers and keeps a running log-sum-exp, so the capped logits and their
-#   fp32 copy are never written. Backward recomputes each block from the same logits and the
-#   saved per-token log-sum-exp, and writes the logits' gradient in their own dtype.
-# - LeakyReLU(0.5)^2: one read and one write instead of leaky_relu then square (two tensors
-#   written, one more saved for backward); backward recomputes from the MLP's pre-activation.
-# Both compute in fp32 whatever their input dtype and round once on store. Each is a torch custom
-# op with a shape-only fake implementation and an autograd formula, so torch.compile(fullgraph=True)
-# traces it as one opaque node. Triton is imported only when a switch is on. On CPU, Triton's
-# interpreter (TRITON_INTERPRET=1, set before the first kernel is built) runs the same kernels on
-# CPU tensors: that is how the tests prove them exact without a GPU.
+#   Two optional Triton kernels, each behind a switch that is off by default (the record's PyTorch
+#   math runs unless FUSED_CE=1 / FUSED_MLP=1):
+#   - soft-capped cross-entropy: streams the head's raw logits in blocks over the vocabulary,
+#     soft-caps them in registers and keeps a running log-sum-exp, so the capped logits and their
+#     fp32 copy are never written. Backward recomputes each block from the same logits and the
+#     saved per-token log-sum-exp, and writes the logits' gradient in their own dtype.
+#   - LeakyReLU(0.5)^2: one read and one write instead of leaky_relu then square (two tensors
+#     written, one more saved for backward); backward recomputes from the MLP's pre-activation.
+#   Both compute in fp32 whatever their input dtype and round once on store. Each is a torch custom
+#   op with a shape-only fake implementation and an autograd formula, so torch.compile(fullgraph=True)
+#   traces it as one opaque node. Triton is imported only when a switch is on. On CPU, Triton's
+#   interpreter (TRITON_INTERPRET=1, set before the first kernel is built) runs the same kernels on
+#   CPU tensors: that is how the tests prove them exact without a GPU.
 # -----------------------------------------------------------------------------
 
-# Tiles (rows x vocabulary columns for the loss, elements for the activation). On a GPU one row
+# `CE_TILES`, `ACT_BLOCK`: tiles (rows x vocabulary columns for the loss, elements for the activation). On a GPU one row
 # per program streams the vocabulary; the interpreter pays per program, so it takes many rows.
 CE_TILES = {"cuda": (1, 1024), "cpu": (128, 128)}
 ACT_BLOCK = {"cuda": 1024, "cpu": 16384}
@@ -759,14 +759,32 @@ def fused_leaky_relu_sq(u: Tensor) -> Tensor:
 
 # -----------------------------------------------------------------------------
 # MODEL
-# 11 layers x 512 wide, GQA 8/4 heads, 4x leaky-ReLU^2 MLP, depth recurrence over layers
-# 3-5, U-Net skips, parallel residual blocks from layer 7, XSA, gated attention output,
-# SmearGate, BigramHash input branch, tied and soft-capped head (SPEC §3).
+#   11 layers x 512 wide, GQA 8/4 heads, 4x leaky-ReLU^2 MLP, depth recurrence over layers
+#   3-5, U-Net skips, parallel residual blocks from layer 7, XSA, gated attention output,
+#   SmearGate, BigramHash input branch, tied and soft-capped head (SPEC §3).
 # -----------------------------------------------------------------------------
 
-# Small tensors that steer the residual stream: AdamW at SCALAR_LR and kept fp32.
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "attn_gate_proj", "skip_weights",
-                    "skip_gates", "bigram.scale", "smear_lambda")
+# `TENSOR_ROLES`: every tensor's role, by the end of its state-dict name: (optimizer group,
+# quantization category, blob family). "control" tensors steer the residual stream: they train
+# with AdamW at SCALAR_LR and stay fp32. bigram.embed trains (with the token embedding) only
+# with BIGRAM_TRAIN_EMBED=1 (SPEC §3). Used by split_params, quant_category, clip_sigmas_for,
+# collect_hessians and tensor_family.
+_GPTQ = ("matrix", "gptq_int6")
+_PER_TENSOR, _PASSTHROUGH = ("control", "int8_tensor", "control"), ("control", "fp16", "control")
+TENSOR_ROLES = {
+    "tok_emb.weight": ("token", "gptq_int8", "embed"), "bigram.embed.weight": ("bigram_embed", "int6_row", "bigram"),
+    "attn.c_q.weight": (*_GPTQ, "attn"), "attn.c_k.weight": (*_GPTQ, "attn"), "attn.c_v.weight": (*_GPTQ, "attn"),
+    "attn.proj.weight": (*_GPTQ, "attn"), "mlp.fc.weight": (*_GPTQ, "mlp"), "mlp.proj.weight": (*_GPTQ, "mlp"),
+    "bigram.proj.weight": ("matrix", "int8_row", "control"), "smear_gate.weight": ("matrix", "int8_row", "control"),
+    "attn_gate_proj.weight": ("control", "int8_row", "control"),
+    "attn_scale": _PER_TENSOR, "mlp_scale": _PER_TENSOR, "resid_mix": _PER_TENSOR, "skip_weights": _PER_TENSOR,
+    "skip_gates": _PER_TENSOR, "q_gain": _PASSTHROUGH, "bigram.scale": _PASSTHROUGH, "smear_lambda": _PASSTHROUGH,
+}
+
+
+def tensor_role(name: str) -> tuple[str, str, str] | None:
+    """(optimizer group, quantization category, blob family) of a state-dict name; None if unknown."""
+    return next((role for suffix, role in TENSOR_ROLES.items() if name.endswith(suffix)), None)
 FLASH_ATTN_FUNC = None  # set by enable_flash_attention() on CUDA when flash_attn_interface imports
 
 
@@ -939,7 +957,7 @@ class GPT(nn.Module):
         self.encoder_indices, self.decoder_indices = order[: len(order) // 2], order[len(order) // 2:]
         self.plain_encoder_indices = list(range(h.num_layers // 2))
         self.plain_decoder_indices = list(range(h.num_layers // 2, h.num_layers))
-        self.looping_active = False
+        self.looping_active = False  # the training schedule turns it on at ENABLE_LOOPING_AT
         self.rope_bf16_inv_freq = False  # build_model sets it on CUDA, where the record rounds inv_freq
         num_skips = min(len(self.encoder_indices), len(self.decoder_indices))
         self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
@@ -993,6 +1011,11 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0, cos, sin)
         return rms_norm(x)
 
+    def loop_as_trained(self) -> GPT:
+        """A trained or loaded model is calibrated and evaluated with looping on (if NUM_LOOPS > 0)."""
+        self.looping_active = self.h.num_loops > 0
+        return self
+
     def forward_logits(self, ids: Tensor, capped: bool = True) -> Tensor:
         x = self.forward_hidden(ids)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
@@ -1040,13 +1063,13 @@ def load_into_model(model: nn.Module, state: dict, source: str) -> None:
 
 # -----------------------------------------------------------------------------
 # OPTIMIZERS
-# Muon (MuonEq-R) for the block matrices plus bigram.proj and smear_gate; AdamW for the
-# token embedding and the control tensors. bigram.embed is in no group by default, as in
-# the record (it was meant for the token group and never added); BIGRAM_TRAIN_EMBED=1 adds it.
+#   Muon (MuonEq-R) for the block matrices plus bigram.proj and smear_gate; AdamW for the
+#   token embedding and the control tensors. bigram.embed is in no group by default, as in
+#   the record (it was meant for the token group and never added); BIGRAM_TRAIN_EMBED=1 adds it.
 # -----------------------------------------------------------------------------
 
 
-# Newton-Schulz schedules: (norm safety factor, per-iteration (a, b, c); the last repeats).
+# `NS_SCHEDULES`, Newton-Schulz: (norm safety factor, per-iteration (a, b, c); the last repeats).
 # record: one quintic for every step. polar: the Polar Express coefficients for five steps
 # (Amsel et al. 2025, arXiv:2505.16932) that later records use, with their 2% norm margin.
 NS_SCHEDULES = {
@@ -1129,16 +1152,15 @@ class Muon(torch.optim.Optimizer):
 def split_params(model: GPT, h: Hyperparameters):
     matrix, scalar, token = [], [], [model.tok_emb.weight]
     for name, p in model.named_parameters():
-        if name == "tok_emb.weight":
-            continue
-        if name == "bigram.embed.weight":
+        group = (tensor_role(name) or ("matrix" if p.ndim == 2 else None,))[0]
+        if group == "bigram_embed":
             if h.bigram_train_embed:
                 token.append(p)
-        elif any(pat in name for pat in CONTROL_PATTERNS):
+        elif group == "control":
             scalar.append(p)
-        elif p.ndim == 2:
+        elif group == "matrix":
             matrix.append(p)
-        else:
+        elif group != "token":
             raise ValueError(f"parameter {name} {tuple(p.shape)} has no optimizer group")
     return matrix, scalar, token
 
@@ -1163,12 +1185,12 @@ def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool, compile: boo
 
 # -----------------------------------------------------------------------------
 # TRAINING
-# The schedule runs on wall-clock time: frac = elapsed / (MAX_WALLCLOCK_SECONDS -
-# GPTQ_RESERVE_SECONDS), so warmdown and looping start at the same fraction of the budget
-# whatever the hardware's speed. The rule is training plus GPTQ calibration within the
-# limit: by default the reserve is one calibration batch timed before the clock starts,
-# times GPTQ_CALIBRATION_BATCHES, plus a margin, and training stops before a step that
-# would cross the cap. GPTQ_RESERVE_SECONDS=12 is the record's fixed reserve and stop rule.
+#   The schedule runs on wall-clock time: frac = elapsed / (MAX_WALLCLOCK_SECONDS -
+#   GPTQ_RESERVE_SECONDS), so warmdown and looping start at the same fraction of the budget
+#   whatever the hardware's speed. The rule is training plus GPTQ calibration within the
+#   limit: by default the reserve is one calibration batch timed before the clock starts,
+#   times GPTQ_CALIBRATION_BATCHES, plus a margin, and training stops before a step that
+#   would cross the cap. GPTQ_RESERVE_SECONDS=12 is the record's fixed reserve and stop rule.
 # -----------------------------------------------------------------------------
 
 RESERVE_MARGIN = 1.25
@@ -1180,11 +1202,18 @@ def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
     return 1.0
 
 
+def training_budget_ms(h: Hyperparameters, reserve_s: float | None = None) -> float | None:
+    """Training time the wall-clock rule leaves: MAX_WALLCLOCK_SECONDS less the GPTQ calibration
+    reserve (GPTQ_RESERVE_SECONDS unless a measured one is given); None without a limit."""
+    if h.max_wallclock_seconds <= 0:
+        return None
+    reserve_s = h.gptq_reserve_seconds if reserve_s is None else reserve_s
+    return 1000.0 * (h.max_wallclock_seconds - reserve_s)
+
+
 def training_frac(h: Hyperparameters, step: int, elapsed_ms: float, reserve_s: float | None = None) -> float:
-    if h.max_wallclock_seconds > 0:
-        reserve_s = h.gptq_reserve_seconds if reserve_s is None else reserve_s
-        return elapsed_ms / (1000.0 * (h.max_wallclock_seconds - reserve_s))
-    return step / max(h.iterations, 1)
+    budget_ms = training_budget_ms(h, reserve_s)
+    return step / max(h.iterations, 1) if budget_ms is None else elapsed_ms / budget_ms
 
 
 class Trainer:
@@ -1271,7 +1300,7 @@ def calibration_reserve_seconds(h: Hyperparameters, rt: Runtime, model: GPT, log
     """Time one GPTQ calibration batch as quantize_and_save() will run it (looping on, this
     rank's training shards), before the clock starts; every rank takes the slowest rank's time."""
     looping = model.looping_active
-    model.looping_active = h.num_loops > 0
+    model.loop_as_trained()
     loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rt.rank, rt.world_size)
     rt.synchronize()
     t0 = time.perf_counter()
@@ -1299,7 +1328,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
     if h.max_wallclock_seconds > 0:
         if reserve_s is None:
             reserve_s = calibration_reserve_seconds(h, rt, model, log)
-        cap_ms = 1000.0 * (h.max_wallclock_seconds - reserve_s)
+        cap_ms = training_budget_ms(h, reserve_s)
     # The record stops after the step that crosses the cap; the measured reserve stops before it.
     predictive = h.gptq_reserve_seconds is None
     training_ms, stop_after, step = 0.0, None, 0
@@ -1376,17 +1405,13 @@ def log_weights_checksum(model: nn.Module, rt: Runtime, log: Logger) -> None:
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION
-# Full-Hessian GPTQ with SDClip for the big matrices (int6) and the tied embedding (int8,
-# Hessian of the final-norm output it multiplies); Path A v3 for the small tensors: int8
-# with a per-tensor or per-row scale, fp16 for the rest (SPEC §5).
+#   Full-Hessian GPTQ with SDClip for the big matrices (int6) and the tied embedding (int8,
+#   Hessian of the final-norm output it multiplies); Path A v3 for the small tensors: int8
+#   with a per-tensor or per-row scale, fp16 for the rest (SPEC §5).
 # -----------------------------------------------------------------------------
 
-GPTQ_MATRIX_SUFFIXES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight",
-                        "mlp.fc.weight", "mlp.proj.weight")
-ATTN_MATRIX_SUFFIXES, MLP_MATRIX_SUFFIXES = GPTQ_MATRIX_SUFFIXES[:4], GPTQ_MATRIX_SUFFIXES[4:]
-PER_TENSOR_INT8 = ("attn_scale", "mlp_scale", "resid_mix", "skip_gates", "skip_weights")
-PER_ROW_INT8 = ("bigram.proj.weight", "attn_gate_proj.weight", "smear_gate.weight")
-# The method labels the record writes into the blob's 'm' (its GPTQ labels carry the bit width).
+BIGRAM_EMBED_RANGE = 31  # int6 per row whatever MATRIX_BITS: the record's own rule for it (SPEC §5)
+# `BLOB_LABELS`: the method labels the record writes into the blob's 'm' (its GPTQ labels carry the bit width).
 BLOB_LABELS = {"int6_row": "simple int6 (bigram embed)", "int8_row": "simple int8 (small matrix)",
                "int8_tensor": "pertensor int8 (control)", "fp16": "passthrough (float16)"}
 
@@ -1395,16 +1420,9 @@ def quant_category(name: str, t: Tensor) -> str:
     """Quantization method of one state-dict tensor. The record decides GPTQ by size (> 65,536
     values); this rule names the matrices instead, which agrees on the full config and also
     quantizes the smaller block matrices of small configs (the record keeps those fp16)."""
-    if name.endswith(GPTQ_MATRIX_SUFFIXES):
-        return "gptq_int6"
-    if name == "tok_emb.weight":
-        return "gptq_int8"
-    if name == "bigram.embed.weight":
-        return "int6_row"
-    if any(name.endswith(p) for p in PER_TENSOR_INT8):
-        return "int8_tensor"
-    if name.endswith(PER_ROW_INT8):
-        return "int8_row"
+    role = tensor_role(name)
+    if role:
+        return role[1]
     if t.numel() > 65536:
         raise ValueError(f"{name} {tuple(t.shape)} has {t.numel()} values but no quantization rule")
     return "fp16"
@@ -1421,11 +1439,12 @@ def blob_label(cat: str, h: Hyperparameters) -> str:
 def clip_sigmas_for(name: str, h: Hyperparameters) -> float:
     """SDClip width of one GPTQ tensor: the embedding's, or the attention/MLP family's when set,
     else the record's single MATRIX_CLIP_SIGMAS."""
-    if name == "tok_emb.weight":
+    family = tensor_role(name)[2]
+    if family == "embed":
         return h.embed_clip_sigmas
-    if name.endswith(ATTN_MATRIX_SUFFIXES) and h.attn_clip_sigmas is not None:
+    if family == "attn" and h.attn_clip_sigmas is not None:
         return h.attn_clip_sigmas
-    if name.endswith(MLP_MATRIX_SUFFIXES) and h.mlp_clip_sigmas is not None:
+    if family == "mlp" and h.mlp_clip_sigmas is not None:
         return h.mlp_clip_sigmas
     return h.matrix_clip_sigmas
 
@@ -1447,7 +1466,7 @@ def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, r
         counts[key] += x.size(0)
 
     for name, module in model.named_modules():
-        if isinstance(module, CastedLinear) and f"{name}.weight".endswith(GPTQ_MATRIX_SUFFIXES):
+        if isinstance(module, CastedLinear) and (tensor_role(f"{name}.weight") or "?")[1] == "gptq_int6":
             hooks.append(module.register_forward_pre_hook(
                 lambda mod, args, key=f"{name}.weight": accumulate(key, args[0])))
     model.eval()
@@ -1604,7 +1623,7 @@ def quantize_state_dict(state: dict, hessians: dict, h: Hyperparameters) -> tupl
             w[name + ".q"], w[name + ".scale"] = gptq_quantize_weight(t, hessians[name], clip_sigmas_for(name, h), rng)
             gptq_names.append(name)
         elif cat == "int6_row":
-            w[name + ".q"], w[name + ".scale"] = quantize_per_row(t, 31)
+            w[name + ".q"], w[name + ".scale"] = quantize_per_row(t, BIGRAM_EMBED_RANGE)
         elif cat == "int8_row":
             w[name + ".q"], w[name + ".scale"] = quantize_per_row(t.reshape(t.size(0), -1), 127)
         elif cat == "int8_tensor":
@@ -1639,7 +1658,7 @@ def dequantize_state_dict(w: dict, m: dict) -> dict:
     return out
 
 
-def category_table(m: dict, w: dict) -> list[str]:
+def category_table(w: dict, m: dict) -> list[str]:
     counts: dict[str, list[int]] = {}
     for name, label in m.items():
         t = next(w[k] for k in (name, name + ".q", name + ".q_pt") if k in w)
@@ -1655,7 +1674,7 @@ def category_table(m: dict, w: dict) -> list[str]:
     return lines
 
 
-# Bytes per stored value, for the size projection a run logs before training. A GPTQ code of
+# `PROJECTION_*`: bytes per stored value, for the size projection a run logs before training. A GPTQ code of
 # clip range R and width c sigmas is nearly a rounded Gaussian of standard deviation R/c, so its
 # cost is that distribution's entropy times the compressor's overhead over it. Measured on the
 # trained cpu_small seed-1 artifact, one stream per family (README): the block-matrix codes cost
@@ -1714,11 +1733,11 @@ def projected_model_bytes(state: dict, h: Hyperparameters) -> dict[str, int]:
 
 # -----------------------------------------------------------------------------
 # SERIALIZATION
-# torch.save({'w','m'}) -> stride-2 byte shuffle ('BSHF') -> brotli-11 or xz. The shuffle
-# groups the high and low bytes of the 16-bit scales and int8 pairs so the entropy coder
-# sees two smoother streams. COMPRESSOR=family instead compresses each family of tensors
-# (same role, same dtype) as its own stream with whichever codec makes it smallest ('QFAM').
-# Files are written to a temp name and renamed into place.
+#   torch.save({'w','m'}) -> stride-2 byte shuffle ('BSHF') -> brotli-11 or xz. The shuffle
+#   groups the high and low bytes of the 16-bit scales and int8 pairs so the entropy coder
+#   sees two smoother streams. COMPRESSOR=family instead compresses each family of tensors
+#   (same role, same dtype) as its own stream with whichever codec makes it smallest ('QFAM').
+#   Files are written to a temp name and renamed into place.
 # -----------------------------------------------------------------------------
 
 SHUFFLE_MAGIC = b"BSHF"
@@ -1753,9 +1772,7 @@ def tensor_family(key: str, t: Tensor) -> str:
     if part.startswith("lqer"):
         role = "lqer." + ("scales" if part.endswith("scale") else "codes")
     elif part in ("q", "q_pt"):
-        role = ("embed" if name == "tok_emb.weight" else "bigram" if name == "bigram.embed.weight"
-                else "attn" if name.endswith(ATTN_MATRIX_SUFFIXES) else "mlp" if name.endswith(MLP_MATRIX_SUFFIXES)
-                else "control") + ".codes"
+        role = (tensor_role(name) or (None, None, "control"))[2] + ".codes"
     elif part in ("scale", "scale_pt"):
         role = "scales"
     else:
@@ -1932,16 +1949,15 @@ def load_quantized_model(h: Hyperparameters, rt: Runtime, path: str) -> GPT:
         w, m = decompress_blob(f.read(), path)
     model = build_model(h, rt.device, rt.is_cuda)
     load_into_model(model, dequantize_state_dict(w, m), path)
-    model.looping_active = h.num_loops > 0
-    return model
+    return model.loop_as_trained()
 
 
 # -----------------------------------------------------------------------------
 # EVALUATION
-# All scoring goes through score_windows(): a window is (start, first scored target, end),
-# each target is scored once with the context the window gives it. Plain evaluation is
-# windows of EVAL_SEQ_LEN every EVAL_SEQ_LEN tokens; sliding evaluation advances by
-# EVAL_STRIDE; score-first TTT scores a chunk's windows, then trains on that chunk.
+#   All scoring goes through score_windows(): a window is (start, first scored target, end),
+#   each target is scored once with the context the window gives it. Plain evaluation is
+#   windows of EVAL_SEQ_LEN every EVAL_SEQ_LEN tokens; sliding evaluation advances by
+#   EVAL_STRIDE; score-first TTT scores a chunk's windows, then trains on that chunk.
 # -----------------------------------------------------------------------------
 
 
@@ -2004,7 +2020,7 @@ class EvalResult(NamedTuple):
     eval_ms: float
 
 
-# Every evaluation: (h, rt, model, val_tokens, luts, log) -> EvalResult; `log` gets progress lines.
+# `evaluate_*`: each is (h, rt, model, val_tokens, luts, log) -> EvalResult; `log` gets progress lines.
 def evaluate_plain(h, rt, model, val_tokens, luts, log=None) -> EvalResult:
     """One pass of EVAL_SEQ_LEN windows, each scoring all its targets (no progress to report)."""
     t0 = time.perf_counter()
@@ -2144,10 +2160,17 @@ def log_header(h: Hyperparameters, rt: Runtime, log: Logger, code: bytes) -> Non
         f"grad_accum_steps:{rt.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs}")
 
 
+def log_artifact_size(log: Logger, compressor: str, blob_bytes: int, code_bytes: int) -> int:
+    """The artifact's size lines, which pack.py and the benchmarks parse; returns code + model bytes."""
+    log(f"Serialized model quantized+{compressor}: {blob_bytes} bytes")
+    log(f"Total submission size quantized+{compressor}: {blob_bytes + code_bytes} bytes")
+    return blob_bytes + code_bytes
+
+
 def quantize_and_save(h, rt, model, log, code_bytes: int, train_ms: float | None = None) -> int:
     """GPTQ-calibrate on training batches, write the artifact atomically; returns total bytes."""
     t0 = time.perf_counter()
-    model.looping_active = h.num_loops > 0
+    model.loop_as_trained()
     # The record quantizes from rank 0's own batches (its loader, no all-reduce): the other ranks
     # have nothing to calibrate unless GPTQ_HESSIAN_ALL_RANKS=1 averages everyone's.
     hessians = {}
@@ -2165,18 +2188,16 @@ def quantize_and_save(h, rt, model, log, code_bytes: int, train_ms: float | None
     if rt.is_main:
         t1 = time.perf_counter()
         w, m = quantize_state_dict(model.state_dict(), hessians, h)
-        for line in category_table(m, w):
+        for line in category_table(w, m):
             log(line)
         blob = compress_blob(w, m, h.compressor)
         atomic_write(h.quantized_model_path, blob)
         blob_bytes = len(blob)
         log(f"gptq:quantized and compressed in {1000 * (time.perf_counter() - t1):.0f}ms")
     sizes = rt.all_reduce(torch.tensor([blob_bytes], device=rt.device))
-    blob_bytes = int(sizes.item())
-    log(f"Serialized model quantized+{h.compressor}: {blob_bytes} bytes")
-    log(f"Total submission size quantized+{h.compressor}: {blob_bytes + code_bytes} bytes")
+    total = log_artifact_size(log, h.compressor, int(sizes.item()), code_bytes)
     rt.barrier()
-    return blob_bytes + code_bytes
+    return total
 
 
 def main() -> int:
@@ -2203,9 +2224,7 @@ def main() -> int:
         with open(h.quantized_model_path, "rb") as f:  # label the blob by what it is, not by COMPRESSOR
             compressor = blob_compressor(f.read(16))
         log(f"eval_only: {h.quantized_model_path}")
-        log(f"Serialized model quantized+{compressor}: {blob_bytes} bytes")
-        log(f"Total submission size quantized+{compressor}: {blob_bytes + len(code)} bytes")
-        total = blob_bytes + len(code)
+        total = log_artifact_size(log, compressor, blob_bytes, len(code))
     else:
         model = build_model(h, rt.device, rt.is_cuda)
         if h.init_state:
@@ -2216,7 +2235,7 @@ def main() -> int:
         log(f"projected_artifact_bytes:{sum(projected.values()) + len(code)} (model {sum(projected.values())} + code "
             f"{len(code)}; limit {h.size_limit_bytes}) " + " ".join(f"[{k}]:{v}" for k, v in sorted(projected.items())))
         trainer = train(h, rt, model, val_tokens, luts, log)  # writes final_model.pt when training ends
-        model.looping_active = h.num_loops > 0
+        model.loop_as_trained()
         loss, bpb, ms = evaluate_plain(h, rt, trainer.compiled, val_tokens, luts)
         log(f"pre-quantization post-ema val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
         check_finite("pre-quantization post-ema", loss, bpb)

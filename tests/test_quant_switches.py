@@ -128,7 +128,7 @@ def test_lqer_corrects_the_worst_matrices_and_lowers_each_error():
     # the codes, scales and labels of everything else are untouched
     assert m == m0 and {k for k in w if ".lqer_" not in k} == set(w0)
     # the size accounting sees it: the logged raw bytes, and a larger blob
-    line, = [x for x in train_gpt.category_table(m, w) if x.startswith("lqer:")]
+    line, = [x for x in train_gpt.category_table(w, m) if x.startswith("lqer:")]
     assert line.endswith(f"raw_bytes:{lqer_blob_bytes(w, names)}")
     assert len(train_gpt.compress_blob(w, m, "lzma")) > len(train_gpt.compress_blob(w0, m0, "lzma"))
 
