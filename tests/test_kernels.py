@@ -264,7 +264,7 @@ def test_switch_without_triton_fails_at_construction(monkeypatch):
         tg.Hyperparameters(**TINY, fused_mlp=True)
     monkeypatch.setenv("FUSED_CE", "1")
     with pytest.raises(RuntimeError, match=r"FUSED_CE=1 needs Triton"):
-        tg.Hyperparameters(**TINY)
+        tg.Hyperparameters.from_env(**TINY)
 
 
 def test_switches_off_need_no_triton(monkeypatch):
