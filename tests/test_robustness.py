@@ -473,8 +473,8 @@ def test_disk_full_names_the_path(tiny_data, tmp_path, monkeypatch):
     import prepare_data
 
     class FullDisk:
-        def __init__(self, fd, mode):
-            os.close(fd)
+        def __init__(self, path, mode):
+            pass
 
         def __enter__(self):
             return self
@@ -485,10 +485,39 @@ def test_disk_full_names_the_path(tiny_data, tmp_path, monkeypatch):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(prepare_data.os, "fdopen", FullDisk)
+    monkeypatch.setattr(train_gpt, "open", FullDisk, raising=False)  # atomic_write's open() only
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=r"writing .*fineweb_384_bpe\.model: No space left on device"):
         prepare_data.main(prep_args(tiny_data, docs_jsonl(tiny_data, tmp_path / "d.jsonl"), out))
+
+
+def test_atomic_write_that_fails_midway_names_the_path_and_leaves_no_temp(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "fineweb_train_000000.bin"
+    path.write_bytes(b"old shard")
+
+    class FullDiskAfterFirstChunk:
+        def __init__(self, name, mode):
+            self.f = open(name, mode)  # the temporary file exists on disk
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            return False
+
+        def write(self, data):
+            if self.f.tell():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.f.write(data)
+
+    monkeypatch.setattr(train_gpt, "open", FullDiskAfterFirstChunk, raising=False)
+    with pytest.raises(OSError, match=rf"writing {re.escape(str(path))}: No space left on device"):
+        train_gpt.atomic_write(str(path), b"header", b"tokens")
+    assert path.read_bytes() == b"old shard"
+    assert os.listdir(tmp_path) == [path.name], "a failed write left its temporary file behind"
 
 
 def test_empty_tokenizer_is_named(tmp_path):
