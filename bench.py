@@ -3,7 +3,8 @@
   python bench.py run NAME --preset presets/cpu_small.env --data DATA_DIR [--set KEY=VALUE ...]
       Runs train_gpt.py with the preset's environment in build/bench/NAME/, then writes
       logs/NAME.txt (the training log) and logs/NAME.json: tok/s, step time, peak memory,
-      every stage's loss/bpb and eval time, blob and total bytes, git commit, hardware.
+      every stage's loss/bpb and eval time, blob and total bytes, git commit (and git_dirty: true
+      when tracked files differed from it), hardware; paths relative to the repository.
   python bench.py gptq [--batches N] [--rows R]
       Wall time of Hessian collection and GPTQ for the full 36.5M-parameter config
       (random weights and tokens: the time does not depend on the values).
@@ -78,14 +79,22 @@ def read_preset(path: Path) -> dict[str, str]:
     return env
 
 
-def git_commit() -> str | None:
+def git_state() -> dict:
+    """{"git_commit": HEAD or None, "git_dirty": whether tracked files differ from it}: a record
+    says plainly when what ran was not exactly the commit."""
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        return {"git_commit": out.stdout.strip(), "git_dirty": bool(dirty)}
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return {"git_commit": None, "git_dirty": None}
+
+
+def repo_relative(path: str) -> str:
+    """A path as the record stores it: relative to the repository, so a record names no machine's
+    folders (data kept beside the repository reads ../data_pydocs)."""
+    return os.path.relpath(path, ROOT) if os.path.isabs(path) else path
 
 
 class CudaAutocastEmulation:
@@ -471,7 +480,7 @@ def run_gpu_check(args) -> int:
     say(f"gpu_check:{'PASS' if ok else 'FAIL'} ({sum(c[1] for c in checks)}/{len(checks)} checks)")
     result = {"command": "python bench.py gpu-check" + (f" --steps {args.steps}" if args.steps != 20 else "")
               + (f" --rows {args.rows}" if args.rows != 48 else ""),
-              "git_commit": git_commit(), "versions": versions, "figures": figures, "passed": ok,
+              **git_state(), "versions": versions, "figures": figures, "passed": ok,
               "checks": [{"check": n, "passed": o, "detail": d} for n, o, d in checks]}
     (out_dir / f"{name}.txt").write_text("\n".join(lines) + "\n")
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -480,7 +489,7 @@ def run_gpu_check(args) -> int:
 
 
 def run_benchmark(args) -> int:
-    import pack
+    import logformat
 
     work = bench_dir(args.name)  # before anything else: a bad NAME costs nothing
     env = read_preset(Path(args.preset)) if args.preset else {}
@@ -508,40 +517,46 @@ def run_benchmark(args) -> int:
     out_dir = ROOT / args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(log_path, out_dir / f"{args.name}.txt")
-    text = log_path.read_text()
-    log = pack.parse_log(log_path)
-    tok_s = [int(x) for x in re.findall(r"tok/s: (\d+)", text)]
-    gpu_peak = re.search(r"peak_memory_allocated:(\d+) MiB", text)
-    steps, train_ms = log.get("steps"), log.get("train_time_ms")
-    result = {
-        "name": args.name,
-        "command": f"python bench.py run {args.name} --preset {args.preset} --data {args.data}"
-                   + "".join(f" --set {s}" for s in args.set),
-        "settings": env,
-        "git_commit": git_commit(),
-        "hardware": log.get("hardware"),
-        "versions": log.get("versions"),
-        "model_params": log.get("model_params"),
-        "steps": steps,
-        "train_time_ms": train_ms,
-        "step_time_ms": train_ms / steps if steps else None,
-        "tokens_per_second": tok_s[-1] if tok_s else None,
-        # CPU: the largest resident set of any child process (Linux reports KiB).
-        "peak_memory_mib": int(gpu_peak.group(1)) if gpu_peak else
-        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
-        "peak_memory_kind": "cuda max_memory_allocated" if gpu_peak else "max RSS of the training process",
-        "stages": log["stages"],
-        "model_bytes": log.get("model_bytes"),
-        "code_bytes": log.get("code_bytes"),
-        "total_bytes": log.get("total_bytes"),
-        "wall_seconds": round(wall, 1),
-    }
+    log = logformat.parse_log(log_path)
+    result = benchmark_record(args, env, log, wall)
     (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("steps", "step_time_ms", "tokens_per_second", "peak_memory_mib",
                                               "model_bytes", "wall_seconds")}))
     for stage, v in log["stages"].items():
         print(f"{stage:28s} val_bpb {v['val_bpb']:.5f}  eval {v.get('eval_time_ms', 0) / 1000:.1f}s")
     return 0
+
+
+def benchmark_record(args, env: dict, log: dict, wall: float) -> dict:
+    """logs/NAME.json: the run's figures from its parsed log, its settings with paths relative to
+    the repository, and the commit (dirty or not) it ran from."""
+    import logformat
+
+    gpu_peak = log.get("peak_memory_mib")
+    steps, train_ms = log.get("steps"), log.get("train_time_ms")
+    return {
+        "name": args.name,
+        "command": f"python bench.py run {args.name} --preset {args.preset} --data {args.data}"
+                   + "".join(f" --set {s}" for s in args.set),
+        "settings": {k: repo_relative(v) if k in logformat.PATH_HPARAMS else v for k, v in env.items()},
+        **git_state(),
+        "hardware": log.get("hardware"),
+        "versions": log.get("versions"),
+        "model_params": log.get("model_params"),
+        "steps": steps,
+        "train_time_ms": train_ms,
+        "step_time_ms": train_ms / steps if steps else None,
+        "tokens_per_second": log.get("tokens_per_second"),
+        # CPU: the largest resident set of any child process (Linux reports KiB).
+        "peak_memory_mib": gpu_peak if gpu_peak is not None else
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
+        "peak_memory_kind": "cuda max_memory_allocated" if gpu_peak is not None else "max RSS of the training process",
+        "stages": log["stages"],
+        "model_bytes": log.get("model_bytes"),
+        "code_bytes": log.get("code_bytes"),
+        "total_bytes": log.get("total_bytes"),
+        "wall_seconds": round(wall, 1),
+    }
 
 
 def run_gptq(args) -> int:
@@ -735,7 +750,7 @@ def run_kernels(args) -> int:
     result = {
         "command": "python bench.py kernels " + " ".join(sys.argv[2:]),
         "hardware": f"{torch.cuda.get_device_name(rt.device)}, torch {torch.__version__}",
-        "git_commit": git_commit(),
+        **git_state(),
         "isolation_rows": args.rows,
         "isolation": kernel_isolation(h, rt.device, args.rows, iters=20),
         "full_config": [full_config_steps({"fused_ce": ce, "fused_mlp": mlp}, args.steps)
@@ -782,15 +797,14 @@ def run_quant(args) -> int:
     import numpy as np
     import torch
 
+    import logformat
     import train_gpt as tg
 
     env = read_preset(Path(args.preset)) if args.preset else {}
     env.update(DATA_DIR=str(Path(args.data).resolve()), SEED=str(args.seed))
     os.environ.update(env)
-    log_text = Path(args.log).read_text()
-    stage = {k: float(v) for k, v in re.findall(r"^(pre-quantization post-ema|quantized) val_loss:\S+ val_bpb:(\S+)",
-                                                 log_text, re.M)}
-    post_ema = stage["pre-quantization post-ema"]
+    stage = {k: v["val_bpb"] for k, v in logformat.scan_log(Path(args.log).read_text(), args.log)["stages"].items()}
+    post_ema = stage["pre_quant_post_ema"]
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
     h0 = tg.Hyperparameters.from_env()
     rt = tg.Runtime(h0)
@@ -863,7 +877,7 @@ def run_quant(args) -> int:
     command = (f"python bench.py quant {args.name} --model {args.model} --log {args.log} --preset {args.preset} "
                f"--data {args.data} --seed {args.seed}" + "".join(f" --variant {v}" for v in args.variant or [])
                + "".join(f" --full {v}" for v in args.full) + (" --reuse-run-quantized" if args.reuse_run_quantized else ""))
-    result = {"name": args.name, "command": command, "git_commit": git_commit(), "hardware": lines[1],
+    result = {"name": args.name, "command": command, **git_state(), "hardware": lines[1],
               "post_ema_bpb": post_ema, "training_run_quantized_bpb": stage.get("quantized"), "rows": rows}
     (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / f"{args.name}.txt").write_text(command + "\n" + "\n".join(lines) + "\n")

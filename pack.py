@@ -1,5 +1,4 @@
-"""Pack train_gpt.py into a small self-extracting file, check the byte budget, and build
-record folders and submission.json files from training logs.
+"""Pack train_gpt.py into a small self-extracting file and check the byte budget.
 
   python pack.py [--src train_gpt.py] [--out build/train_gpt.py] [--encoding latin1|base85]
                  [--artifact PATH | --logs DIR_OR_LOG ...]
@@ -7,17 +6,14 @@ record folders and submission.json files from training logs.
       and the budget `packed file + model blob <= 16,000,000` (exit 3 when over it).
   python pack.py --measure [--src train_gpt.py]
       print what each minifier option and LZMA setting costs on the source.
-  python pack.py --record NAME --logs LOG1 LOG2 ... [--baseline-bpb 1.07882] [--date YYYY-MM-DD]
-      write records/<date>_<NAME>/: the file that ran, the readable source, README.md,
-      submission.json, the logs and requirements.txt.
-  python pack.py --summary LOG1 LOG2 ... [--out-json submission.json]
-      only the submission.json summary of a set of logs.
+
+Record folders and submission.json files are built by record.py; logs are read by logformat.py.
 
 The packed file runs the minified source with exec() in its own module namespace, so
 `python build/train_gpt.py` and `torchrun ... build/train_gpt.py` see `__name__ == "__main__"` and
 `__file__` == the packed file: the code size and hash that the training script logs are those of
-the file that ships. The packing itself needs only the standard library and python-minifier;
-the significance test of --record/--summary uses scipy.stats when it is installed.
+the file that ships. The packing needs python-minifier; the budget and the atomic writer come
+from train_gpt.py (through logformat.py), which imports torch.
 """
 
 from __future__ import annotations
@@ -25,21 +21,14 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
-import datetime
 import hashlib
-import json
 import lzma
-import math
 import os
-import re
-import shutil
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-SIZE_LIMIT_BYTES = 16_000_000
-ROOT = Path(__file__).resolve().parent
+from logformat import LINE_RES, SIZE_LIMIT_BYTES, LogError, log_files
+from train_gpt import atomic_write
 
 
 class PackError(Exception):
@@ -226,15 +215,13 @@ def check_interface(readable: str, minified: str) -> None:
 # COMPRESS
 # A raw LZMA2 stream: no .xz container (~-85 B) and no header, the filter spec travels in the
 # decompressor line instead. Text has no 4-byte structure, so pb=0 beats the default pb=2
-# (~-20 B); lc and the match finder's nice_len/mf move a few bytes either way and depend on the
-# text, so each pack searches them: lc x pb first, then nice_len x mf around the best. Measured
-# and left out: lp=1 (+170 B), a delta filter (+3.6 kB), BCJ x86/ARM (no change: they rewrite
-# machine-code branches, which text does not have).
+# (~-20 B); lc=3 is the best literal context (`--measure` prints the lc x pb grid). A search over
+# nice_len and the match finder won 0 to 2 bytes on train_gpt.py, so it is gone. Measured and left
+# out: lp=1 (+170 B), a delta filter (+3.6 kB), BCJ x86/ARM (no change: they rewrite machine-code
+# branches, which text does not have).
 # -----------------------------------------------------------------------------
 
-LC_PB_GRID = [(lc, pb) for lc in range(5) for pb in range(3)]
-NICE_LEN_GRID = (273, 192, 128, 96, 64)
-MF_GRID = (lzma.MF_BT4, lzma.MF_BT3, lzma.MF_BT2, lzma.MF_HC4)
+LC_PB_GRID = [(lc, pb) for lc in range(5) for pb in range(3)]  # --measure only
 MF_NAMES = {lzma.MF_BT4: "bt4", lzma.MF_BT3: "bt3", lzma.MF_BT2: "bt2", lzma.MF_HC4: "hc4", lzma.MF_HC3: "hc3"}
 
 
@@ -244,9 +231,9 @@ def dict_size_for(n: int) -> int:
     return max(4096, 1 << max(0, n - 1).bit_length())
 
 
-def encoder_filter(data_len: int, lc: int, pb: int, nice_len: int = 273, mf: int = lzma.MF_BT4) -> dict:
+def encoder_filter(data_len: int, lc: int = 3, pb: int = 0) -> dict:
     return {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size_for(data_len),
-            "lc": lc, "lp": 0, "pb": pb, "nice_len": nice_len, "mf": mf}
+            "lc": lc, "lp": 0, "pb": pb, "nice_len": 273, "mf": lzma.MF_BT4}
 
 
 def decoder_filter(enc: dict) -> dict:
@@ -264,23 +251,10 @@ def lzma_raw(data: bytes, enc: dict) -> bytes:
     return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[enc])
 
 
-def compress(data: bytes, search: bool = True) -> tuple[bytes, dict]:
-    """Smallest raw LZMA2 stream over the grid; (stream, encoder filter)."""
-    if not search:
-        enc = encoder_filter(len(data), lc=3, pb=0)
-        return lzma_raw(data, enc), enc
-    results = {}
-    for lc, pb in LC_PB_GRID:
-        enc = encoder_filter(len(data), lc, pb)
-        results[(lc, pb, 273, lzma.MF_BT4)] = (lzma_raw(data, enc), enc)
-    lc, pb = min(results.items(), key=lambda kv: len(kv[1][0]))[0][:2]
-    for nice_len in NICE_LEN_GRID:
-        for mf in MF_GRID:
-            if (lc, pb, nice_len, mf) not in results:
-                enc = encoder_filter(len(data), lc, pb, nice_len, mf)
-                results[(lc, pb, nice_len, mf)] = (lzma_raw(data, enc), enc)
-    # ties go to the earliest (simplest) setting, so the choice is deterministic
-    return min(results.values(), key=lambda r: len(r[0]))
+def compress(data: bytes) -> tuple[bytes, dict]:
+    """(raw LZMA2 stream, encoder filter)."""
+    enc = encoder_filter(len(data))
+    return lzma_raw(data, enc), enc
 
 
 # -----------------------------------------------------------------------------
@@ -416,8 +390,7 @@ class Packed:
         ])
 
 
-def pack_source(source: bytes, encoding: str = "latin1", filename: str = "train_gpt.py",
-                search: bool = True) -> Packed:
+def pack_source(source: bytes, encoding: str = "latin1", filename: str = "train_gpt.py") -> Packed:
     """Minify, compress and wrap `source`, then prove the wrapper gives the minified text back."""
     text = source.decode("utf-8")
     compile(text, filename, "exec")
@@ -425,7 +398,7 @@ def pack_source(source: bytes, encoding: str = "latin1", filename: str = "train_
     compile(minified_text, filename, "exec")
     check_interface(text, minified_text)
     minified = minified_text.encode("utf-8")
-    stream, enc = compress(minified, search)
+    stream, enc = compress(minified)
     wrapped = wrap(stream, decoder_filter(enc), encoding)
     compile(wrapped, filename, "exec")
     if unpack(wrapped) != minified:
@@ -433,451 +406,13 @@ def pack_source(source: bytes, encoding: str = "latin1", filename: str = "train_
     return Packed(source, minified, stream, enc, wrapped, encoding)
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 # -----------------------------------------------------------------------------
-# LOGS
-# Parsed by regex, line by line; unknown lines are ignored. The shapes are the ones
-# train_gpt.py writes (SPEC §7).
-# -----------------------------------------------------------------------------
-
-STAGES = {  # log label -> JSON key, in evaluation order
-    "pre-quantization post-ema": "pre_quant_post_ema",
-    "quantized": "quantized",
-    "quantized_sliding_window": "quantized_sliding_window",
-    "quantized_ttt": "quantized_ttt",
-}
-FINAL_ORDER = ("quantized_ttt", "quantized_sliding_window", "quantized")  # first present is final
-QUANTIZED_STAGES = ("quantized", "quantized_sliding_window", "quantized_ttt")
-PATH_HPARAMS = {"DATA_DIR", "DATA_PATH", "TOKENIZER_PATH", "QUANTIZED_MODEL_PATH", "INIT_STATE"}
-RUN_HPARAMS = {"SEED", "RUN_ID"}
-
-NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
-LINE_RES = {
-    "code_bytes": re.compile(r"code_bytes:(\d+)\s*$"),
-    "code_sha256": re.compile(r"code_sha256:([0-9a-f]{64})\s*$"),
-    "hardware": re.compile(r"hardware:\s*(.*?)\s*$"),
-    "versions": re.compile(r"versions:\s*(.*?)\s*$"),
-    "hparam": re.compile(r"hparam:([A-Za-z_][A-Za-z0-9_]*)=(.*?)\s*$"),
-    "model_params": re.compile(r"model_params:(\d+)\s*$"),
-    "train_done": re.compile(r"train_done steps:(\d+) train_time:(" + NUM + r")ms"),
-    "stopping_early": re.compile(r"stopping_early: (\S+) train_time:(" + NUM + r")ms step:(\d+)/(\d+)"),
-    "serialized": re.compile(r"Serialized model quantized\+(\w+): (\d+) bytes"),
-    "total": re.compile(r"Total submission size quantized\+(\w+): (\d+) bytes"),
-    "over_budget": re.compile(r"OVER BUDGET by (-?\d+) bytes"),
-    "stage": re.compile(r"(" + "|".join(re.escape(s) for s in STAGES) + r") val_loss:(" + NUM + r") val_bpb:("
-                        + NUM + r")(?: eval_time:(" + NUM + r")ms)?\s*$"),
-    "calibration": re.compile(r"gptq:collected \d+ hessians from \d+ training batches in (" + NUM + r")ms"),
-    "train_plus_calibration": re.compile(r"train_plus_calibration_time:(" + NUM + r")ms"),
-    "train_loss": re.compile(r"(\d+)/(\d+) train_loss: (" + NUM + r") train_time: "),
-}
-
-
-def _num(s: str) -> float | int:
-    v = float(s)
-    return int(v) if v.is_integer() and re.fullmatch(r"-?\d+", s) else v
-
-
-def parse_log(path: str | Path) -> dict:
-    """One training log -> dict of what it states. Raises PackError when the final result lines
-    are missing or the file holds more than one run."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8", errors="replace")
-    log: dict = {"path": str(path), "hparams": {}, "stages": {}}
-    counts: dict[str, int] = {}
-    for raw_line in text.splitlines():
-        line = raw_line.strip()
-        for key, rx in LINE_RES.items():
-            m = rx.match(line)
-            if not m:
-                continue
-            counts[key] = counts.get(key, 0) + 1
-            g = m.groups()
-            if key in ("code_bytes", "model_params"):
-                log[key] = int(g[0])
-            elif key in ("code_sha256", "hardware", "versions"):
-                log[key] = g[0]
-            elif key == "hparam":
-                log["hparams"][g[0]] = g[1]
-            elif key == "train_done":
-                log["steps"], log["train_time_ms"] = int(g[0]), _num(g[1])
-            elif key == "stopping_early":
-                log["stopped_early"] = {"reason": g[0], "train_time_ms": _num(g[1]), "step": int(g[2])}
-            elif key == "serialized":
-                log["compressor"], log["model_bytes"] = g[0], int(g[1])
-            elif key == "total":
-                log["total_bytes"] = int(g[1])
-            elif key == "over_budget":
-                log["over_budget_bytes"] = int(g[0])
-            elif key == "stage":
-                stage = {"val_loss": float(g[1]), "val_bpb": float(g[2])}
-                if g[3] is not None:
-                    stage["eval_time_ms"] = _num(g[3])
-                log["stages"][STAGES[g[0]]] = stage
-            elif key == "calibration":
-                log["calibration_time_ms"] = _num(g[0])
-            elif key == "train_plus_calibration":
-                log["train_plus_calibration_time_ms"] = _num(g[0])
-            elif key == "train_loss":
-                log["iterations"] = int(g[1])
-            break
-    if counts.get("code_sha256", 0) > 1:
-        raise PackError(f"{path}: holds {counts['code_sha256']} runs (code_sha256 appears more than once; "
-                        "a RUN_ID reused appends to the same log)")
-    missing = [what for what, ok in (
-        ("code_bytes:", "code_bytes" in log), ("code_sha256:", "code_sha256" in log),
-        ("hparam:SEED=", "SEED" in log["hparams"]),
-        ("Serialized model quantized+...: N bytes", "model_bytes" in log),
-        ("Total submission size quantized+...: N bytes", "total_bytes" in log),
-        ("quantized val_loss:... val_bpb:...", "quantized" in log["stages"])) if not ok]
-    if missing:
-        raise PackError(f"{path}: missing the final result lines {missing}; did the run finish?")
-    log["seed"] = _num(log["hparams"]["SEED"])
-    log["run_id"] = log["hparams"].get("RUN_ID")
-    log["final_stage"] = next(s for s in FINAL_ORDER if s in log["stages"])
-    # A run killed mid-evaluation still has its earlier stages: the settings say which must be there.
-    for stage, switch in (("quantized_sliding_window", "SLIDING_WINDOW_ENABLED"), ("quantized_ttt", "TTT_ENABLED")):
-        if log["hparams"].get(switch, "").lower() in ("true", "1") and stage not in log["stages"]:
-            raise PackError(f"{path}: {switch} is on but there is no '{stage} val_loss:...' line; "
-                            "the run did not finish its evaluation")
-    for stage, values in log["stages"].items():
-        if not all(math.isfinite(v) for v in values.values()):
-            raise PackError(f"{path}: stage {stage} has a non-finite result {values}")
-    return log
-
-
-def check_budget(log: dict) -> None:
-    path, total = log["path"], log["total_bytes"]
-    if "over_budget_bytes" in log:
-        raise PackError(f"{path}: the run reports OVER BUDGET by {log['over_budget_bytes']} bytes")
-    if total > SIZE_LIMIT_BYTES:
-        raise PackError(f"{path}: total submission size {total} > {SIZE_LIMIT_BYTES} bytes")
-    if total != log["model_bytes"] + log["code_bytes"]:
-        raise PackError(f"{path}: total {total} != model {log['model_bytes']} + code {log['code_bytes']} bytes")
-
-
-RECORD_SECONDS = 600  # the record track: training plus GPTQ calibration within 10 minutes on 8 GPUs
-
-
-def check_record_time(log: dict) -> None:
-    """Refuse a record-track log (8 CUDA ranks) whose training plus calibration exceeds 600 s.
-    Logs from before the train_plus_calibration_time line are summed from their own lines."""
-    hardware = log.get("hardware") or ""
-    if "device:cuda" not in hardware or "world_size:8" not in hardware:
-        return
-    total = log.get("train_plus_calibration_time_ms")
-    if total is None and "train_time_ms" in log and "calibration_time_ms" in log:
-        total = log["train_time_ms"] + log["calibration_time_ms"]
-    if total is not None and total > 1000 * RECORD_SECONDS:
-        raise PackError(f"{log['path']}: training plus GPTQ calibration took {total / 1000:.1f}s, over the "
-                        f"{RECORD_SECONDS}s limit by {total / 1000 - RECORD_SECONDS:.1f}s")
-
-
-def check_consistent(logs: list[dict]) -> None:
-    """Refuse logs that are not seeds of one and the same run."""
-    first = logs[0]
-    for log in logs[1:]:
-        if log["code_sha256"] != first["code_sha256"]:
-            raise PackError(f"code_sha256 differs: {first['path']} has {first['code_sha256']}, "
-                            f"{log['path']} has {log['code_sha256']}")
-        names = set(first["hparams"]) | set(log["hparams"])
-        for name in sorted(names - RUN_HPARAMS):
-            a, b = first["hparams"].get(name), log["hparams"].get(name)
-            if name in PATH_HPARAMS or name.endswith(("_PATH", "_DIR")):
-                a, b = None if a is None else bool(a), None if b is None else bool(b)  # set vs unset
-            if a != b:
-                raise PackError(f"hyperparameter {name} differs: {first['path']} has {first['hparams'].get(name)!r}, "
-                                f"{log['path']} has {log['hparams'].get(name)!r}")
-        if log["final_stage"] != first["final_stage"]:
-            raise PackError(f"final evaluation differs: {first['path']} ends with {first['final_stage']}, "
-                            f"{log['path']} with {log['final_stage']}")
-    seen: dict = {}
-    for log in logs:
-        if log["seed"] in seen:
-            raise PackError(f"SEED={log['seed']} appears twice: {seen[log['seed']]} and {log['path']}")
-        seen[log["seed"]] = log["path"]
-
-
-# -----------------------------------------------------------------------------
-# SUBMISSION
-# -----------------------------------------------------------------------------
-
-IMPROVEMENT_NATS = 0.005
-ALPHA = 0.01
-
-
-def run_entry(log: dict) -> dict:
-    final = log["stages"][log["final_stage"]]
-    entry = {"seed": log["seed"], "run_id": log["run_id"], "log": Path(log["path"]).name,
-             "final_stage": log["final_stage"], "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
-             "stages": log["stages"], "model_bytes": log["model_bytes"], "compressor": log["compressor"],
-             "code_bytes": log["code_bytes"], "total_bytes": log["total_bytes"]}
-    for key in ("steps", "iterations", "train_time_ms", "stopped_early", "model_params", "hardware"):
-        if key in log:
-            entry[key] = log[key]
-    times = {s: log["stages"][s]["eval_time_ms"] for s in STAGES.values()
-             if "eval_time_ms" in log["stages"].get(s, {})}
-    if times:
-        entry["eval_time_ms"] = times
-        quantized = [times[s] for s in QUANTIZED_STAGES if s in times]
-        if quantized:
-            entry["eval_time_quantized_total_ms"] = sum(quantized)
-    return entry
-
-
-def significance(losses: list[float], bpbs: list[float], baseline_bpb: float | None,
-                 baseline_loss: float | None) -> dict:
-    """One-sided test of `mean val_loss <= baseline_loss - 0.005 nats`.
-
-    The test runs in nats. Without --baseline-loss the baseline's loss is baseline_bpb divided by
-    the logs' own bpb-per-nat ratio (val_bpb / val_loss = tokens per byte / ln 2), which holds
-    when the logs evaluate the same validation set as the baseline."""
-    n = len(losses)
-    ratio = statistics.fmean(b / l for b, l in zip(bpbs, losses))
-    out: dict = {"claim": f"mean val_loss <= baseline val_loss - {IMPROVEMENT_NATS} nats", "unit": "nats per token",
-                 "alpha": ALPHA, "n": n, "df": n - 1, "bpb_per_nat": ratio,
-                 "tokens_per_byte": ratio * math.log(2), "threshold_nats": IMPROVEMENT_NATS,
-                 "threshold_bpb": IMPROVEMENT_NATS * ratio}
-    if baseline_loss is not None:
-        out.update(baseline_loss=baseline_loss, baseline_loss_source="given (--baseline-loss)")
-        if baseline_bpb is not None:
-            out["baseline_bpb"] = baseline_bpb
-    elif baseline_bpb is not None:
-        baseline_loss = baseline_bpb / ratio
-        out.update(baseline_bpb=baseline_bpb, baseline_loss=baseline_loss,
-                   baseline_loss_source="baseline_bpb / bpb_per_nat, the ratio val_bpb/val_loss of these logs "
-                                        "(valid when they evaluate the baseline's validation set)")
-    else:
-        out["note"] = "no baseline given"
-        return out
-    target = baseline_loss - IMPROVEMENT_NATS
-    mean = statistics.fmean(losses)
-    out.update(target_loss=target, mean_val_loss=mean, improvement_nats=baseline_loss - mean)
-    t_name = "one-sided one-sample Student t-test of mean val_loss < target_loss (scipy.stats.t, df = n-1)"
-    z_name = "one-sided one-sample z-test of mean val_loss < target_loss (normal cdf, sample std as sigma)"
-    if n < 2:
-        out.update(t_test={"name": t_name, "statistic": None, "p_value": None},
-                   z_test={"name": z_name, "statistic": None, "p_value": None}, significant=None,
-                   note="one run: no sample std, so no test; run more seeds")
-        return out
-    sd = statistics.stdev(losses)
-    if sd == 0:
-        p = 0.0 if mean < target else 1.0
-        out.update(t_test={"name": t_name, "statistic": None, "p_value": p},
-                   z_test={"name": z_name, "statistic": None, "p_value": p}, significant=p < ALPHA,
-                   note="all runs have the same val_loss (std 0); the test degenerates to a comparison")
-        return out
-    stat = (mean - target) / (sd / math.sqrt(n))
-    z_p = statistics.NormalDist().cdf(stat)
-    try:
-        from scipy import stats as scipy_stats
-
-        t_p = float(scipy_stats.t.cdf(stat, n - 1))
-    except ImportError:
-        t_p = None
-        out["note"] = "scipy is not installed: no t-test p-value"
-    out.update(t_test={"name": t_name, "statistic": stat, "p_value": t_p},
-               z_test={"name": z_name, "statistic": stat, "p_value": z_p},
-               significant=None if t_p is None else t_p < ALPHA)
-    return out
-
-
-def summarize(logs: list[dict], baseline_bpb: float | None = None, baseline_loss: float | None = None) -> dict:
-    """The submission.json content of a set of consistent, within-budget logs."""
-    if not logs:
-        raise PackError("no logs given")
-    for log in logs:
-        check_budget(log)
-    check_consistent(logs)
-    logs = sorted(logs, key=lambda g: g["seed"])
-    runs = [run_entry(g) for g in logs]
-    losses, bpbs = [r["val_loss"] for r in runs], [r["val_bpb"] for r in runs]
-    n = len(runs)
-    hardware = sorted({g.get("hardware") for g in logs if g.get("hardware")})
-    versions = sorted({g.get("versions") for g in logs if g.get("versions")})
-    out = {
-        "val_bpb": statistics.fmean(bpbs), "val_loss": statistics.fmean(losses),
-        "val_bpb_std": statistics.stdev(bpbs) if n > 1 else None,
-        "val_loss_std": statistics.stdev(losses) if n > 1 else None,
-        "std_note": "sample std (n-1)" if n > 1 else "one run: no std",
-        "final_stage": logs[0]["final_stage"], "n_seeds": n, "seeds": [r["seed"] for r in runs],
-        "bytes_total": max(r["total_bytes"] for r in runs), "bytes_code": logs[0]["code_bytes"],
-        "bytes_model_max": max(r["model_bytes"] for r in runs), "size_limit_bytes": SIZE_LIMIT_BYTES,
-        "code_sha256": logs[0]["code_sha256"],
-        "hardware": hardware[0] if len(hardware) == 1 else (hardware or None),
-        "versions": versions[0] if len(versions) == 1 else (versions or None),
-        "significance": significance(losses, bpbs, baseline_bpb, baseline_loss),
-        "hparams": {k: v for k, v in logs[0]["hparams"].items() if k not in RUN_HPARAMS | PATH_HPARAMS},
-        "runs": runs,
-    }
-    return out
-
-
-def _fmt(x, digits=5) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
-
-
-def _ms(x) -> str:
-    return "—" if x is None else f"{x / 1000:.1f} s"
-
-
-def readme(name: str, date: str, summary: dict, packed: bool) -> str:
-    runs, sig = summary["runs"], summary["significance"]
-    stages = [s for s in STAGES.values() if any(s in r["stages"] for r in runs)]
-    head = ["seed", "steps", "train time"] + [f"{s} loss / bpb" for s in stages] + [
-        "model bytes", "code bytes", "total bytes", "eval time (quantized stages)"]
-    rows = []
-    for r in runs:
-        cells = [str(r["seed"]), _fmt(r.get("steps")), _ms(r.get("train_time_ms"))]
-        for s in stages:
-            st = r["stages"].get(s)
-            cells.append(f"{st['val_loss']:.5f} / {st['val_bpb']:.5f}" if st else "—")
-        cells += [_fmt(r["model_bytes"]), _fmt(r["code_bytes"]), _fmt(r["total_bytes"]),
-                  _ms(r.get("eval_time_quantized_total_ms"))]
-        rows.append(cells)
-    lines = [f"# {name}", "",
-             f"{date} · {summary['n_seeds']} seed(s) · final stage `{summary['final_stage']}` · "
-             f"hardware: {summary['hardware']}", "",
-             f"**val_bpb {summary['val_bpb']:.5f}** (std {_fmt(summary['val_bpb_std'])}), "
-             f"val_loss {summary['val_loss']:.5f} nats (std {_fmt(summary['val_loss_std'])}); "
-             f"largest total {summary['bytes_total']:,} bytes of {SIZE_LIMIT_BYTES:,}.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(c) + " |" for c in rows]
-    lines += ["", "## Significance", ""]
-    if "target_loss" in sig:
-        lines.append(f"Claim: {sig['claim']}. Baseline val_bpb {_fmt(sig.get('baseline_bpb'))}, val_loss "
-                     f"{sig['baseline_loss']:.5f} ({sig['baseline_loss_source']}); target {sig['target_loss']:.5f}; "
-                     f"mean improvement {sig['improvement_nats']:.5f} nats.")
-        for key in ("t_test", "z_test"):
-            t = sig[key]
-            p = "—" if t["p_value"] is None else f"{t['p_value']:.3g}"
-            lines.append(f"- {t['name']}: statistic {_fmt(t['statistic'], 3)}, p = {p}")
-        lines.append(f"- significant at alpha {ALPHA}: {sig['significant']}")
-    if sig.get("note"):
-        lines.append(f"- note: {sig['note']}")
-    lines += ["", "## Files", "",
-              f"- `train_gpt.py`: the file that ran ({'packed: LZMA-compressed, self-extracting' if packed else 'readable'}, "
-              f"{summary['bytes_code']:,} bytes, sha256 `{summary['code_sha256']}`)"]
-    if packed:
-        lines.append("- `train_gpt_readable.py`: the readable source it was packed from (`python pack.py` rebuilds it)")
-    lines += ["- `submission.json`: every number above, per seed", "- `train_seed*.log`: the training logs",
-              "", "## Settings", "", "Shared by every run (SEED and paths aside):", "", "```"]
-    lines += [f"{k}={v}" for k, v in summary["hparams"].items()]
-    lines += ["```", "", f"Versions: {summary['versions']}", ""]
-    world = re.search(r"world_size:(\d+)", summary["hardware"] or "") if isinstance(summary["hardware"], str) else None
-    launcher = f"torchrun --standalone --nproc_per_node={world.group(1)}" if world else "python"
-    lines += ["Run: `SEED=<seed> " + launcher + " train_gpt.py` (with the data layout of the upstream repository).", ""]
-    return "\n".join(lines)
-
-
-def find_shipped_code(sha: str, src: Path, packed_path: Path) -> tuple[bytes, bool]:
-    """(bytes of the file whose sha256 the logs carry, whether it is a packed file)."""
-    tried = []
-    if packed_path.is_file():
-        data = packed_path.read_bytes()
-        tried.append(f"{packed_path} {sha256(data)}")
-        if sha256(data) == sha:
-            return data, True
-    if src.is_file():
-        data = src.read_bytes()
-        tried.append(f"{src} {sha256(data)}")
-        if sha256(data) == sha:
-            return data, False
-        fresh = pack_source(data, filename=src.name).wrapped
-        tried.append(f"{src} packed now {sha256(fresh)}")
-        if sha256(fresh) == sha:
-            return fresh, True
-    raise PackError(f"no file matches the logs' code_sha256 {sha}: tried " + "; ".join(tried or ["nothing"]))
-
-
-def build_record(name: str, log_paths: list[Path], src: Path, packed_path: Path, out_dir: Path, date: str,
-                 baseline_bpb: float | None, baseline_loss: float | None, force: bool = False) -> Path:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
-        raise PackError(f"record name {name!r}: use letters, digits, '.', '_', '+', '-'")
-    logs = [parse_log(p) for p in log_paths]
-    for log in logs:
-        check_record_time(log)
-    summary = summarize(logs, baseline_bpb, baseline_loss)
-    code, packed = find_shipped_code(summary["code_sha256"], src, packed_path)
-    readable = src.read_bytes() if packed else code
-    if packed and unpack(code) != minify_source(readable.decode("utf-8"), src.name).encode("utf-8"):
-        raise PackError(f"{packed_path} was not packed from the current {src} (edited since?): "
-                        "the readable copy would not match the file that ran")
-    folder = out_dir / f"{date}_{name}"
-    if folder.exists() and not force:
-        raise PackError(f"{folder} exists; pass --force to replace it")
-    record = {"name": name, "date": date, **summary}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{folder.name}."))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        (tmp / "train_gpt.py").write_bytes(code)
-        if packed:
-            (tmp / "train_gpt_readable.py").write_bytes(readable)
-        for log in logs:
-            shutil.copyfile(log["path"], tmp / f"train_seed{log['seed']}.log")
-        for run in record["runs"]:
-            run["log"] = f"train_seed{run['seed']}.log"
-        (tmp / "submission.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(readme(name, date, summary, packed), encoding="utf-8")
-        requirements = ROOT / "requirements.txt"
-        if requirements.is_file():
-            shutil.copyfile(requirements, tmp / "requirements.txt")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-# -----------------------------------------------------------------------------
 # BUDGET
 # -----------------------------------------------------------------------------
-
-
-def log_files(paths: list[str], must_exist: bool = True) -> list[Path]:
-    """Files as given; a folder stands for its *.txt and *.log files."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(p.glob("*.txt")) + sorted(p.glob("*.log")))
-        elif p.is_file() or not must_exist:
-            out.append(p)
-        else:
-            raise PackError(f"no such log file or folder: {p}")
-    return out
-
-
-def found_logs(paths: list[str]) -> list[Path]:
-    files = log_files(paths)
-    if not files:
-        raise PackError(f"no *.txt or *.log file in {' '.join(paths)}")
-    return files
 
 
 def largest_blob_in_logs(paths: list[str]) -> tuple[int, str] | None:
@@ -908,9 +443,9 @@ def measure(source: bytes) -> str:
 
     def packed_size(**overrides) -> tuple[int, int]:
         m = minify_source(text, **overrides).encode("utf-8")
-        return len(m), len(compress(m, search=False)[0])
+        return len(m), len(compress(m)[0])
 
-    lines = [f"raw {len(source):,} B; readable source through LZMA: {len(compress(source, search=False)[0]):,} B"]
+    lines = [f"raw {len(source):,} B; readable source through LZMA: {len(compress(source)[0]):,} B"]
     base = packed_size()
     lines.append(f"chosen options: minified {base[0]:,} B, lzma (lc=3 pb=0) {base[1]:,} B")
     flips = dict((k, not v) for k, v in MINIFY_FLAGS.items())
@@ -925,7 +460,7 @@ def measure(source: bytes) -> str:
     for lc, pb in LC_PB_GRID:
         lines.append(f"  lc={lc} pb={pb}: {len(lzma_raw(minified, encoder_filter(len(minified), lc, pb))):,} B")
     stream, enc = compress(minified)
-    lines.append(f"  searched best: {len(stream):,} B ({describe_filter(enc)})")
+    lines.append(f"  used: {len(stream):,} B ({describe_filter(enc)})")
     lines.append(f"  .xz container preset 9e: {len(lzma.compress(minified, preset=9 | lzma.PRESET_EXTREME)):,} B")
     for encoding in ("latin1", "base85"):
         w = wrap(stream, decoder_filter(enc), encoding)
@@ -946,34 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encoding", choices=("latin1", "base85"), default="latin1")
     ap.add_argument("--artifact", help="model blob whose size counts against the budget")
     ap.add_argument("--logs", nargs="+", metavar="PATH",
-                    help="training logs or folders of them (pack: default logs/, for the largest model blob)")
+                    help="training logs or folders of them (default logs/), for the largest model blob")
     ap.add_argument("--measure", action="store_true", help="print what each option costs; write nothing")
-    ap.add_argument("--record", metavar="NAME", help="build records/<date>_<NAME>/ from --logs")
-    ap.add_argument("--summary", nargs="+", metavar="LOG", help="write only a submission.json from these logs")
-    ap.add_argument("--out-json", default="submission.json", help="--summary's output (default submission.json)")
-    ap.add_argument("--baseline-bpb", type=lambda v: None if v.lower() == "none" else float(v), default=1.07882,
-                    help="val_bpb to beat (default 1.07882, the record); 'none' for logs of another data set")
-    ap.add_argument("--baseline-loss", type=float, help="val_loss to beat, in nats (else converted from bpb)")
-    ap.add_argument("--date", default=datetime.date.today().isoformat())
-    ap.add_argument("--out-dir", default="records")
-    ap.add_argument("--force", action="store_true", help="replace an existing record folder")
     args = ap.parse_args(argv)
     try:
-        if args.record:
-            if not args.logs:
-                ap.error("--record needs --logs LOG1 LOG2 ...")
-            folder = build_record(args.record, found_logs(args.logs), Path(args.src), Path(args.out),
-                                  Path(args.out_dir), args.date, args.baseline_bpb, args.baseline_loss, args.force)
-            s = json.loads((folder / "submission.json").read_text())
-            print(f"wrote {folder}: val_bpb {s['val_bpb']:.5f} over {s['n_seeds']} seed(s), "
-                  f"t-test p = {s['significance'].get('t_test', {}).get('p_value')}")
-            return 0
-        if args.summary:
-            summary = summarize([parse_log(p) for p in found_logs(args.summary)], args.baseline_bpb, args.baseline_loss)
-            atomic_write(args.out_json, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
-            print(f"wrote {args.out_json}: val_bpb {summary['val_bpb']:.5f} over {summary['n_seeds']} seed(s) "
-                  f"on {summary['hardware']}")
-            return 0
         source = Path(args.src).read_bytes()
         if args.measure:
             print(measure(source))
@@ -991,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         line, ok = budget_report(len(result.wrapped), blob)
         print(line)
         return 0 if ok else 3
-    except PackError as e:
+    except (PackError, LogError) as e:
         print(f"pack.py: refused: {e}", file=sys.stderr)
         return 1
 

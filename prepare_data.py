@@ -33,16 +33,17 @@ the ends and collapses runs of whitespace).
 
 ``--demo`` builds a small real-English corpus from the docstrings of the
 Python standard library, so there is something to train on without any
-download.
+download; it writes them as DATA_DIR/demo_corpus.jsonl and reads that file
+like any other input.
 
 Usage:
     python prepare_data.py docs.jsonl more.jsonl --out DATA_DIR --vocab-size 8192
     python prepare_data.py *.txt --out DATA_DIR --tokenizer fineweb_8192_bpe.model
     python prepare_data.py --demo [--out ./data_demo] [--vocab-size 1024]
 
-The module has no side effects on import; `write_shard`, `read_shard`,
-`train_tokenizer`, `demo_documents`, `prepare` and `main` are meant to be
-used from other code and tests.
+The module has no side effects on import; `write_shard`, `read_shard` (the
+reader of train_gpt.py), `train_tokenizer`, `demo_documents`, `write_jsonl`,
+`Settings`, `prepare` and `main` are meant to be used from other code and tests.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ import hashlib
 import io
 import json
 import os
-import secrets
 import shlex
 import shutil
 import signal
@@ -62,22 +62,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from train_gpt import HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, SHARD_VOCAB_LIMIT, atomic_write, read_shard  # noqa: F401
+
 # --- Shard format --------------------------------------------------------------
 # A shard is 256 little-endian int32 header words ([0] magic, [1] version,
 # [2] n_tokens, the rest zero) followed by n_tokens little-endian uint16 ids;
-# its size is exactly 1024 + 2 * n_tokens bytes.
+# its size is exactly 1024 + 2 * n_tokens bytes. train_gpt.py reads shards, so
+# the format (its constants and the reader) lives there and is imported here:
+# the writer cannot disagree with the reader. Importing train_gpt has no side
+# effects, but it imports torch, which costs a few seconds at start.
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_WORDS = 256  # little-endian int32 words; only the first three are used
 HEADER_BYTES = HEADER_WORDS * 4
 BOS_ID = 1
-MAX_VOCAB_SIZE = 65536  # ids are stored as uint16, so every id must be < 2**16
 MAX_SHARD_TOKENS = 2**31 - 1  # the token count lives in an int32 header word
 
 DEFAULT_VAL_DOCS = 50
@@ -155,10 +157,10 @@ def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> 
         raise ValueError(f"{path}: tokens must be integers, got dtype {arr.dtype}")
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= MAX_VOCAB_SIZE:
+        if lo < 0 or hi >= SHARD_VOCAB_LIMIT:
             bad = lo if lo < 0 else hi
             raise ValueError(
-                f"{path}: token id {bad} does not fit a uint16 shard (ids must be in [0, {MAX_VOCAB_SIZE - 1}])"
+                f"{path}: token id {bad} does not fit a uint16 shard (ids must be in [0, {SHARD_VOCAB_LIMIT - 1}])"
             )
     if arr.size > MAX_SHARD_TOKENS:
         raise ValueError(f"{path}: {arr.size} tokens exceed the int32 header limit {MAX_SHARD_TOKENS}")
@@ -168,35 +170,8 @@ def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> 
     payload = arr.astype("<u2", copy=False)
 
     # Header and payload are written as two chunks: no 200 MB concatenated copy.
-    _atomic_write_bytes(path, header.tobytes(), payload.tobytes())
+    atomic_write(str(path), header.tobytes(), payload.tobytes())
     return path
-
-
-def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """Read one shard and return its tokens as a uint16 array.
-
-    The header is checked (magic, version, token count) and the file size must
-    be exactly 1024 + 2*n_tokens; anything else raises ValueError naming the file.
-    """
-    path = Path(path)
-    size = path.stat().st_size  # FileNotFoundError names the path by itself
-    if size < HEADER_BYTES:
-        raise ValueError(f"{path}: corrupt shard: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
-    magic, version, n_tokens = (int(v) for v in header[:3])
-    if magic != SHARD_MAGIC:
-        raise ValueError(f"{path}: corrupt shard: magic {magic}, expected {SHARD_MAGIC}")
-    if version != SHARD_VERSION:
-        raise ValueError(f"{path}: unsupported shard version {version}, expected {SHARD_VERSION}")
-    if n_tokens < 0:
-        raise ValueError(f"{path}: corrupt shard: negative token count {n_tokens}")
-    expected = HEADER_BYTES + 2 * n_tokens
-    if size != expected:
-        raise ValueError(
-            f"{path}: corrupt shard: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes"
-        )
-    tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=HEADER_BYTES)
-    return tokens.astype(np.uint16, copy=False)
 
 
 # --- Small helpers -----------------------------------------------------------
@@ -212,30 +187,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, *chunks: bytes) -> None:
-    """Write the `chunks` to a temporary file beside `path`, then rename it over `path`.
-
-    A reader never sees a half-written file, and a crash leaves at most a
-    hidden ".tmp" file. (Not tempfile.mkstemp: its files are private, mode
-    0600, while these should get the usual permissions from the umask.)
-    """
-    tmp_name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError) and exc.filename is None:  # e.g. a full disk: say where
-            raise OSError(exc.errno, f"writing {path}: {exc.strerror or exc}") from None
-        raise
 
 
 def _is_empty(text: str) -> bool:
@@ -354,32 +305,6 @@ class _InputFile:
         return obj["text"]
 
 
-class _MemorySource:
-    """Documents held in memory (the --demo corpus), read like an input file."""
-
-    def __init__(self, name: str, texts: list[str]):
-        self.name = name
-        self.format = "memory"
-        self.texts = texts
-
-    def check(self) -> None:
-        pass
-
-    def documents(self, stats: dict | None = None) -> Iterator[str]:
-        digest = hashlib.sha256()
-        yield from _skip_empty(
-            self._texts(digest), stats,
-            lambda: dict(path=self.name, format="jsonl (in memory)", sha256=digest.hexdigest()),
-        )
-
-    def _texts(self, digest) -> Iterator[str]:
-        for text in self.texts:
-            # Hash the documents as they would look in a JSONL file, so the
-            # recorded sha256 can be reproduced by writing them out.
-            digest.update((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
-            yield text
-
-
 def _iter_documents(sources: list, stats: list[dict] | None = None) -> Iterator[str]:
     for i, source in enumerate(sources):
         yield from source.documents(None if stats is None else stats[i])
@@ -401,9 +326,9 @@ def _too_few_documents(found: int, val_docs: int, sources: list) -> ValueError:
 def _check_vocab_size(vocab_size: int) -> None:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
         raise ValueError(f"vocab size must be an integer, got {vocab_size!r}")
-    if vocab_size >= MAX_VOCAB_SIZE:
+    if vocab_size > SHARD_VOCAB_LIMIT:
         raise ValueError(
-            f"vocab size {vocab_size} is too large: shards store ids as uint16, so it must be < {MAX_VOCAB_SIZE}"
+            f"vocab size {vocab_size} is too large: shards store ids as uint16, so it must be <= {SHARD_VOCAB_LIMIT}"
         )
     if vocab_size <= 0:
         raise ValueError(f"vocab size must be positive, got {vocab_size}")
@@ -412,9 +337,9 @@ def _check_vocab_size(vocab_size: int) -> None:
 def _check_tokenizer(sp: spm.SentencePieceProcessor, source: str) -> None:
     """Refuse tokenizers the shards or the training script cannot use."""
     vocab = sp.vocab_size()
-    if vocab >= MAX_VOCAB_SIZE:
+    if vocab > SHARD_VOCAB_LIMIT:
         raise ValueError(
-            f"{source}: vocab size {vocab} is too large: shards store ids as uint16, so it must be < {MAX_VOCAB_SIZE}"
+            f"{source}: vocab size {vocab} is too large: shards store ids as uint16, so it must be <= {SHARD_VOCAB_LIMIT}"
         )
     if sp.bos_id() != BOS_ID:
         raise ValueError(f"{source}: BOS id is {sp.bos_id()}, but documents must start with id {BOS_ID}")
@@ -504,25 +429,14 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str |
     model_path = Path(model_path)
     sp = _load_tokenizer(model_bytes, str(model_path))
     _check_tokenizer(sp, f"trained tokenizer {model_path}")
-    _atomic_write_bytes(model_path, model_bytes)
-    _atomic_write_bytes(model_path.with_suffix(".vocab"), _vocab_listing(sp))
+    atomic_write(model_path, model_bytes)
+    atomic_write(model_path.with_suffix(".vocab"), _vocab_listing(sp))
     return model_path
 
 
 # --- Demo corpus -------------------------------------------------------------
 
-# Standard-library modules that must not be imported for their docstrings:
-# they print (this), open a browser (antigravity), start GUIs or need a
-# display (tkinter, turtle, idlelib), grab the terminal (readline), write
-# cache files (lib2to3), are shadowed by third-party code (distutils under
-# setuptools) or are test suites.
-_DEMO_SKIP_MODULES = {
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "readline",
-    "rlcompleter", "lib2to3", "distutils", "ensurepip", "pydoc_data", "test", "venv",
-}
-_DEMO_SKIP_SUBPACKAGES = {"test", "tests", "encodings"}  # tests run code; codecs have no prose
 _DEMO_TIMEOUT_S = 120
-_COLLECT_FLAG = "--collect-stdlib-docstrings"
 
 
 def demo_documents() -> list[str]:
@@ -530,13 +444,15 @@ def demo_documents() -> list[str]:
 
     One document per module docstring, per public class (its docstring plus
     those of its methods) and per public function, in sorted module order.
-    The modules are imported in a separate Python process so that whatever
-    they do on import (printing, registering handlers, ...) cannot affect the
-    caller. The result is deterministic for a given Python installation.
+    demo_corpus.py imports the modules in a separate, fresh Python process, so
+    that whatever they do on import (printing, registering handlers, ...) cannot
+    affect the caller, and nothing the caller imported changes what is
+    collected (torch, which this module imports, replaces inspect.getfile). The result is
+    deterministic for a given Python installation.
     """
     with tempfile.TemporaryDirectory(prefix="prepare_data-demo-") as tmp:
         out = Path(tmp) / "docs.json"
-        cmd = [sys.executable, "-W", "ignore", str(Path(__file__).resolve()), _COLLECT_FLAG, str(out)]
+        cmd = [sys.executable, "-W", "ignore", str(Path(__file__).resolve().parent / "demo_corpus.py"), str(out)]
         try:
             proc = subprocess.run(
                 cmd, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -548,90 +464,6 @@ def demo_documents() -> list[str]:
             tail = proc.stderr.decode("utf-8", "replace")[-2000:]
             raise RuntimeError(f"collecting standard-library docstrings failed (exit {proc.returncode}):\n{tail}")
         return json.loads(out.read_text(encoding="utf-8"))
-
-
-def _stdlib_module_names() -> Iterator[str]:
-    """Importable public standard-library modules, sorted, subpackages included."""
-    import importlib
-    import pkgutil
-
-    def walk(name: str) -> Iterator[str]:
-        try:
-            module = importlib.import_module(name)
-        except (Exception, SystemExit):  # platform-specific or missing optional parts
-            return
-        yield name
-        if hasattr(module, "__path__") and name not in _DEMO_SKIP_SUBPACKAGES:
-            children = sorted(info.name for info in pkgutil.iter_modules(module.__path__, name + "."))
-            for child in children:
-                last = child.rsplit(".", 1)[-1]
-                if last.startswith("_") or last in _DEMO_SKIP_SUBPACKAGES:
-                    continue  # private modules, __main__ (runs code), test suites
-                yield from walk(child)
-
-    for name in sorted(sys.stdlib_module_names):
-        if not name.startswith("_") and name not in _DEMO_SKIP_MODULES:
-            yield from walk(name)
-
-
-def _collect_stdlib_docstrings() -> list[str]:
-    """Runs in the helper process started by `demo_documents`."""
-    import inspect
-    import warnings
-
-    warnings.simplefilter("ignore")
-    # Make sure "import x" finds the standard library, not a file next to this script.
-    script_dir = str(Path(__file__).resolve().parent)
-    sys.path[:] = [p for p in sys.path if p not in ("", script_dir)]
-
-    seen_objects: set[int] = set()
-    seen_texts: set[str] = set()
-    documents: list[str] = []
-
-    def clean(obj) -> str | None:
-        doc = getattr(obj, "__doc__", None)
-        if not isinstance(doc, str):
-            return None
-        text = inspect.cleandoc(doc).strip()
-        # Identical docstrings (shared by many classes) would only teach repetition.
-        if not text or text in seen_texts:
-            return None
-        seen_texts.add(text)
-        return text
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        for module_name in _stdlib_module_names():
-            module = sys.modules[module_name]
-            text = clean(module)
-            if text:
-                documents.append(text)
-            namespace = vars(module)
-            for attr in sorted(namespace):
-                obj = namespace[attr]
-                if attr.startswith("_") or id(obj) in seen_objects:
-                    continue
-                if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-                    continue
-                owner = getattr(obj, "__module__", None) or ""
-                # Only objects defined in this module (or its private C helper):
-                # re-exports are picked up where they are defined.
-                if owner not in (module_name, "_" + module_name) and not owner.startswith(module_name + "."):
-                    continue
-                seen_objects.add(id(obj))
-                parts = [clean(obj)]
-                if inspect.isclass(obj):
-                    for member_name in sorted(vars(obj)):
-                        if member_name.startswith("_"):
-                            continue
-                        member = vars(obj)[member_name]
-                        if isinstance(member, (staticmethod, classmethod)):
-                            member = member.__func__
-                        if inspect.isroutine(member) or isinstance(member, property):
-                            parts.append(clean(member))
-                parts = [p for p in parts if p]
-                if parts:
-                    documents.append("\n\n".join(parts))
-    return documents
 
 
 # --- Preparing a data directory ----------------------------------------------
@@ -702,6 +534,52 @@ def _check_positive(name: str, value: int, upper: int | None = None) -> None:
         raise ValueError(f"{name} must be at most {upper}, got {value}")
 
 
+@dataclass
+class Settings:
+    """One run's settings, checked once, when constructed: bad input stops here, before any work.
+
+    `inputs`: JSONL files (".jsonl"/".ndjson", a "text" field a line) or plain-text files (one
+    document each); `input_format` ("auto", "jsonl", "text") overrides the choice by extension.
+    Give `vocab_size` to train a tokenizer on the first `tokenizer_train_docs` training
+    documents, or `tokenizer` to reuse a SentencePiece model (then `vocab_size`, if given, must
+    match it). An existing dataset directory is replaced only with `overwrite`."""
+
+    inputs: Sequence[str | os.PathLike]
+    out_dir: str | os.PathLike
+    vocab_size: int | None = None
+    tokenizer: str | os.PathLike | None = None
+    val_docs: int = DEFAULT_VAL_DOCS
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    tokenizer_train_docs: int = DEFAULT_TOKENIZER_TRAIN_DOCS
+    quiet: bool = False
+    input_format: str = "auto"
+    overwrite: bool = False
+    sources: list[_InputFile] = field(init=False)
+    tokenizer_bytes: bytes | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, (str, os.PathLike)):
+            self.inputs = [self.inputs]
+        self.sources = [_InputFile(p, self.input_format) for p in self.inputs]
+        self.out_dir = Path(self.out_dir)
+        if not self.sources:
+            raise ValueError("no input files given")
+        if self.vocab_size is None and self.tokenizer is None:
+            raise ValueError("give a vocab size to train a tokenizer, or an existing tokenizer to reuse")
+        if self.vocab_size is not None:
+            _check_vocab_size(self.vocab_size)
+        _check_positive("val_docs", self.val_docs)
+        _check_positive("shard_tokens", self.shard_tokens, MAX_SHARD_TOKENS)
+        _check_positive("tokenizer_train_docs", self.tokenizer_train_docs)
+        for source in self.sources:
+            source.check()
+        if self.tokenizer is not None:
+            self.tokenizer = Path(self.tokenizer)
+            if not self.tokenizer.is_file():
+                raise FileNotFoundError(f"tokenizer model not found: {self.tokenizer}")
+            self.tokenizer_bytes = self.tokenizer.read_bytes()
+
+
 def prepare(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -716,68 +594,22 @@ def prepare(
     overwrite: bool = False,
 ) -> dict:
     """Tokenize `inputs` into the challenge layout under `out_dir`; return the manifest.
-
-    `inputs`: JSONL files (".jsonl"/".ndjson", a "text" field a line) or plain-text
-    files (one document each); `input_format` ("auto", "jsonl", "text") overrides
-    the choice by extension. Give `vocab_size` to train a tokenizer on the first
-    `tokenizer_train_docs` training documents, or `tokenizer` to reuse a
-    SentencePiece model (then `vocab_size`, if given, must match it).
-    Refuses to replace an existing dataset directory unless `overwrite`.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    sources = [_InputFile(p, input_format) for p in inputs]
-    return _prepare_sources(
-        sources, out_dir, vocab_size=vocab_size, tokenizer=tokenizer, val_docs=val_docs,
-        shard_tokens=shard_tokens, tokenizer_train_docs=tokenizer_train_docs, quiet=quiet,
-        overwrite=overwrite,
-    )
+    The arguments are those of `Settings`."""
+    return prepare_settings(Settings(
+        inputs, out_dir, vocab_size=vocab_size, tokenizer=tokenizer, val_docs=val_docs, shard_tokens=shard_tokens,
+        tokenizer_train_docs=tokenizer_train_docs, quiet=quiet, input_format=input_format, overwrite=overwrite))
 
 
-def _prepare_sources(
-    sources: list,
-    out_dir: str | os.PathLike,
-    *,
-    vocab_size: int | None,
-    tokenizer: str | os.PathLike | None,
-    val_docs: int,
-    shard_tokens: int,
-    tokenizer_train_docs: int,
-    quiet: bool,
-    overwrite: bool,
-) -> dict:
-    # Check everything that can be checked before any work is done.
-    if not sources:
-        raise ValueError("no input files given")
-    if vocab_size is None and tokenizer is None:
-        raise ValueError("give a vocab size to train a tokenizer, or an existing tokenizer to reuse")
-    if vocab_size is not None:
-        _check_vocab_size(vocab_size)
-    _check_positive("val_docs", val_docs)
-    _check_positive("shard_tokens", shard_tokens, MAX_SHARD_TOKENS)
-    _check_positive("tokenizer_train_docs", tokenizer_train_docs)
-    for source in sources:
-        source.check()
-    tokenizer_bytes = None
-    if tokenizer is not None:
-        tokenizer = Path(tokenizer)
-        if not tokenizer.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {tokenizer}")
-        tokenizer_bytes = tokenizer.read_bytes()
-
-    out_dir = Path(out_dir)
+def prepare_settings(s: Settings) -> dict:
+    out_dir = s.out_dir
     created_out_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     # The staging directory lives inside out_dir so the final moves are renames
     # on one filesystem; it is removed whatever happens.
-    _remove_stale_staging(out_dir, quiet)
+    _remove_stale_staging(out_dir, s.quiet)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
     try:
-        manifest = _build(
-            sources, out_dir, staging, vocab_size=vocab_size, tokenizer=tokenizer,
-            tokenizer_bytes=tokenizer_bytes, val_docs=val_docs, shard_tokens=shard_tokens,
-            tokenizer_train_docs=tokenizer_train_docs, quiet=quiet, overwrite=overwrite,
-        )
+        manifest = _build(s, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created_out_dir:
@@ -844,88 +676,94 @@ def _check_no_conflict(dest: dict[str, Path], model_bytes: bytes | None, overwri
         )
 
 
-def _build(
-    sources: list,
-    out_dir: Path,
-    staging: Path,
-    *,
-    vocab_size: int | None,
-    tokenizer: Path | None,
-    tokenizer_bytes: bytes | None,
-    val_docs: int,
-    shard_tokens: int,
-    tokenizer_train_docs: int,
-    quiet: bool,
-    overwrite: bool,
-) -> dict:
-    progress = _Progress(quiet)
-    if vocab_size is not None:
-        # Fail before the long work if the output is already taken.
-        _check_no_conflict(_destinations(out_dir, vocab_size), None, overwrite)
+class _Tokenizer:
+    """The tokenizer a run uses: the processor, its files' bytes and the manifest's account of it."""
 
-    # 1. The tokenizer: reuse one, or train one on the first training documents.
-    if tokenizer_bytes is not None:
-        sp = _load_tokenizer(tokenizer_bytes, str(tokenizer))
-        _check_tokenizer(sp, str(tokenizer))
-        if vocab_size is not None and vocab_size != sp.vocab_size():
-            raise ValueError(
-                f"{tokenizer} has vocab size {sp.vocab_size()}, but vocab size {vocab_size} was asked for"
-            )
-        model_bytes = tokenizer_bytes
-        sibling_vocab = tokenizer.with_suffix(".vocab")
-        vocab_bytes = sibling_vocab.read_bytes() if sibling_vocab.is_file() else _vocab_listing(sp)
-        tokenizer_info = {"source": "reused", "reused_from": str(tokenizer)}
-    else:
-        train_docs: list[str] = []
-        seen = 0
-        # Only the first documents are needed: stop reading early, and close
-        # the generator so the input file is closed right away.
-        with contextlib.closing(_iter_documents(sources)) as documents:
-            for text in documents:
-                seen += 1
-                if seen <= val_docs:
-                    continue  # validation documents never influence the tokenizer
-                train_docs.append(text)
-                if len(train_docs) >= tokenizer_train_docs:
-                    break
-        if not train_docs:
-            raise _too_few_documents(seen, val_docs, sources)
-        n_bytes = sum(len(d.encode("utf-8")) for d in train_docs)
-        progress.note(
-            f"training a {vocab_size}-piece BPE tokenizer on {len(train_docs):,} documents ({n_bytes:,} bytes)"
-        )
-        t0 = time.monotonic()
-        model_bytes, settings = _train_model_bytes(train_docs, vocab_size)
-        sp = _load_tokenizer(model_bytes, "trained tokenizer")
-        _check_tokenizer(sp, "trained tokenizer")
-        vocab_bytes = _vocab_listing(sp)
-        progress.note(f"tokenizer trained in {time.monotonic() - t0:.1f}s")
-        tokenizer_info = {
-            "source": "trained",
-            "training": {
-                **settings,
-                "documents": len(train_docs),
-                "bytes": n_bytes,
-                "sentencepiece_version": spm.__version__,
-            },
-        }
-    vocab = sp.vocab_size()
-    dest = _destinations(out_dir, vocab)
-    _check_no_conflict(dest, model_bytes, overwrite)
+    def __init__(self, sp: spm.SentencePieceProcessor, model_bytes: bytes, vocab_bytes: bytes, info: dict):
+        self.sp, self.model_bytes, self.vocab_bytes, self.info = sp, model_bytes, vocab_bytes, info
+
+
+def _build(s: Settings, staging: Path) -> dict:
+    """Tokenizer, shards and manifest into `staging`, then moved into place under s.out_dir."""
+    progress = _Progress(s.quiet)
+    if s.vocab_size is not None:
+        # Fail before the long work if the output is already taken.
+        _check_no_conflict(_destinations(s.out_dir, s.vocab_size), None, s.overwrite)
+    tok = _resolve_tokenizer(s, progress)
+    vocab = tok.sp.vocab_size()
+    dest = _destinations(s.out_dir, vocab)
+    _check_no_conflict(dest, tok.model_bytes, s.overwrite)
 
     rel_dataset = f"datasets/fineweb10B_sp{vocab}"
     stage_dataset = staging / rel_dataset
     stage_dataset.mkdir(parents=True)
     (staging / "tokenizers").mkdir()
     stage_model = staging / "tokenizers" / dest["model"].name
-    _atomic_write_bytes(stage_model, model_bytes)
-    _atomic_write_bytes(stage_model.with_suffix(".vocab"), vocab_bytes)
+    atomic_write(stage_model, tok.model_bytes)
+    atomic_write(stage_model.with_suffix(".vocab"), tok.vocab_bytes)
+    writers, input_stats = _encode(s, tok.sp, stage_dataset, rel_dataset, progress)
+    manifest = _manifest(s, tok, dest, writers, input_stats)
+    stage_manifest = staging / "manifest.json"
+    atomic_write(stage_manifest, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    _check_no_conflict(dest, tok.model_bytes, s.overwrite)  # again: something may have appeared meanwhile
+    _install(staging, stage_dataset, stage_model, stage_manifest, dest)
+    return manifest
 
-    # 2. Encode every document, in order: the first val_docs go to val.
-    writers = {
-        split: _ShardWriter(stage_dataset, split, shard_tokens, rel_dataset) for split in ("val", "train")
+
+def _resolve_tokenizer(s: Settings, progress: _Progress) -> _Tokenizer:
+    """Reuse s.tokenizer, or train one on the first training documents (never on validation ones)."""
+    if s.tokenizer_bytes is not None:
+        sp = _load_tokenizer(s.tokenizer_bytes, str(s.tokenizer))
+        _check_tokenizer(sp, str(s.tokenizer))
+        if s.vocab_size is not None and s.vocab_size != sp.vocab_size():
+            raise ValueError(
+                f"{s.tokenizer} has vocab size {sp.vocab_size()}, but vocab size {s.vocab_size} was asked for"
+            )
+        sibling_vocab = s.tokenizer.with_suffix(".vocab")
+        vocab_bytes = sibling_vocab.read_bytes() if sibling_vocab.is_file() else _vocab_listing(sp)
+        return _Tokenizer(sp, s.tokenizer_bytes, vocab_bytes, {"source": "reused", "reused_from": str(s.tokenizer)})
+    train_docs: list[str] = []
+    seen = 0
+    # Only the first documents are needed: stop reading early, and close
+    # the generator so the input file is closed right away.
+    with contextlib.closing(_iter_documents(s.sources)) as documents:
+        for text in documents:
+            seen += 1
+            if seen <= s.val_docs:
+                continue  # validation documents never influence the tokenizer
+            train_docs.append(text)
+            if len(train_docs) >= s.tokenizer_train_docs:
+                break
+    if not train_docs:
+        raise _too_few_documents(seen, s.val_docs, s.sources)
+    n_bytes = sum(len(d.encode("utf-8")) for d in train_docs)
+    progress.note(
+        f"training a {s.vocab_size}-piece BPE tokenizer on {len(train_docs):,} documents ({n_bytes:,} bytes)"
+    )
+    t0 = time.monotonic()
+    model_bytes, settings = _train_model_bytes(train_docs, s.vocab_size)
+    sp = _load_tokenizer(model_bytes, "trained tokenizer")
+    _check_tokenizer(sp, "trained tokenizer")
+    progress.note(f"tokenizer trained in {time.monotonic() - t0:.1f}s")
+    info = {
+        "source": "trained",
+        "training": {
+            **settings,
+            "documents": len(train_docs),
+            "bytes": n_bytes,
+            "sentencepiece_version": spm.__version__,
+        },
     }
-    input_stats = [{} for _ in sources]
+    return _Tokenizer(sp, model_bytes, _vocab_listing(sp), info)
+
+
+def _encode(s: Settings, sp: spm.SentencePieceProcessor, stage_dataset: Path, rel_dataset: str,
+            progress: _Progress) -> tuple[dict[str, _ShardWriter], list[dict]]:
+    """Encode every document, in order, into shards: the first s.val_docs go to val."""
+    writers = {
+        split: _ShardWriter(stage_dataset, split, s.shard_tokens, rel_dataset) for split in ("val", "train")
+    }
+    input_stats = [{} for _ in s.sources]
     batch: list[str] = []
     batch_chars = 0
     batch_split = "val"
@@ -942,8 +780,8 @@ def _build(
             batch, batch_chars = [], 0
             progress.update(seen, writers["val"].tokens + writers["train"].tokens)
 
-    for text in _iter_documents(sources, input_stats):
-        split = "val" if seen < val_docs else "train"
+    for text in _iter_documents(s.sources, input_stats):
+        split = "val" if seen < s.val_docs else "train"
         if split != batch_split:
             flush()  # a batch never mixes splits
             batch_split = split
@@ -953,17 +791,20 @@ def _build(
         if len(batch) >= ENCODE_BATCH_DOCS or batch_chars >= ENCODE_BATCH_CHARS:
             flush()
     flush()
-    if seen <= val_docs:
-        raise _too_few_documents(seen, val_docs, sources)
+    if seen <= s.val_docs:
+        raise _too_few_documents(seen, s.val_docs, s.sources)
     for writer in writers.values():
         writer.close()
     progress.update(seen, writers["val"].tokens + writers["train"].tokens, force=True)
-    skipped = sum(s["empty_documents_skipped"] for s in input_stats)
+    skipped = sum(st["empty_documents_skipped"] for st in input_stats)
     if skipped:
         progress.note(f"skipped {skipped:,} empty or whitespace-only documents")
+    return writers, input_stats
 
-    # 3. The manifest, then move everything into place.
-    manifest = {
+
+def _manifest(s: Settings, tok: _Tokenizer, dest: dict[str, Path], writers: dict[str, _ShardWriter],
+              input_stats: list[dict]) -> dict:
+    return {
         "format": {
             "shard_header": f"{HEADER_WORDS} little-endian int32: magic {SHARD_MAGIC}, version {SHARD_VERSION}, n_tokens",
             "token_dtype": "little-endian uint16",
@@ -973,21 +814,22 @@ def _build(
         "tokenizer": {
             "path": f"tokenizers/{dest['model'].name}",
             "vocab_listing": f"tokenizers/{dest['vocab'].name}",
-            "sha256": _sha256_bytes(model_bytes),
-            "vocab_size": vocab,
-            **tokenizer_info,
+            "sha256": _sha256_bytes(tok.model_bytes),
+            "vocab_size": tok.sp.vocab_size(),
+            **tok.info,
         },
         "settings": {
-            "val_docs": val_docs,
-            "shard_tokens": shard_tokens,
-            "tokenizer_train_docs": tokenizer_train_docs,
+            "val_docs": s.val_docs,
+            "shard_tokens": s.shard_tokens,
+            "tokenizer_train_docs": s.tokenizer_train_docs,
         },
         "splits": {split: writer.summary() for split, writer in writers.items()},
     }
-    stage_manifest = staging / "manifest.json"
-    _atomic_write_bytes(stage_manifest, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
-    _check_no_conflict(dest, model_bytes, overwrite)  # again: something may have appeared meanwhile
+
+def _install(staging: Path, stage_dataset: Path, stage_model: Path, stage_manifest: Path,
+             dest: dict[str, Path]) -> None:
+    """Move the staged files into place: each a rename on one filesystem."""
     dest["dataset"].parent.mkdir(parents=True, exist_ok=True)
     dest["model"].parent.mkdir(parents=True, exist_ok=True)
     if dest["dataset"].exists():
@@ -998,7 +840,6 @@ def _build(
     os.replace(stage_model, dest["model"])
     os.replace(stage_model.with_suffix(".vocab"), dest["vocab"])
     os.replace(stage_manifest, dest["manifest"])
-    return manifest
 
 
 # --- Command line ------------------------------------------------------------
@@ -1032,7 +873,6 @@ def _parser() -> argparse.ArgumentParser:
                         help="input format; auto: .jsonl/.ndjson are JSONL, anything else plain text")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
-    parser.add_argument(_COLLECT_FLAG, metavar="OUT_JSON", help=argparse.SUPPRESS)
     return parser
 
 
@@ -1061,11 +901,6 @@ def _summary(manifest: dict, out_dir: Path, elapsed: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    collect_into = getattr(args, _COLLECT_FLAG.lstrip("-").replace("-", "_"))
-    if collect_into:
-        # Internal: the helper process of demo_documents().
-        Path(collect_into).write_text(json.dumps(_collect_stdlib_docstrings(), ensure_ascii=False), encoding="utf-8")
-        return 0
 
     if args.demo and args.inputs:
         parser.error("--demo builds its own corpus; do not also give INPUT files")
@@ -1090,33 +925,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+DEMO_CORPUS = "demo_corpus.jsonl"  # written into the demo's DATA_DIR, so its manifest's sha256 can be checked
+
+
+def write_jsonl(path: Path, documents: list[str]) -> Path:
+    """`documents` as a JSONL file that `prepare` reads back unchanged (one {"text": ...} a line)."""
+    lines = (json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents)
+    atomic_write(path, "".join(lines).encode("utf-8"))
+    return path
+
+
 def _run(args, out_dir: Path, vocab_size: int | None, t0: float) -> int:
     try:
+        inputs, shard_tokens = args.inputs, args.shard_tokens
         if args.demo:
             if vocab_size is None and args.tokenizer is None:
                 vocab_size = DEMO_VOCAB_SIZE
             if not args.quiet:
                 print("prepare_data: collecting standard-library docstrings for the demo corpus", file=sys.stderr)
             docs = demo_documents()
-            label = f"<demo: docstrings of the Python {sys.version.split()[0]} standard library>"
-            sources = [_MemorySource(label, docs)]
-            if args.shard_tokens is None:
+            inputs = [write_jsonl(out_dir / DEMO_CORPUS, docs)]
+            if shard_tokens is None:
                 # A BPE token covers at most ~8 bytes on average, so bytes/8 is a lower bound on the
                 # training tokens: shards of an eighth of that give at least 8 of them.
                 train_bytes = sum(len(d.encode("utf-8")) for d in docs[args.val_docs:])
-                args.shard_tokens = max(1, train_bytes // 8 // DEMO_TRAIN_SHARDS)
+                shard_tokens = max(1, train_bytes // 8 // DEMO_TRAIN_SHARDS)
             if not args.quiet:
                 n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-                print(f"prepare_data: demo corpus: {len(docs):,} documents, {n_bytes:,} bytes", file=sys.stderr)
-        else:
-            sources = [_InputFile(p, args.format) for p in args.inputs]
-        if args.shard_tokens is None:
-            args.shard_tokens = DEFAULT_SHARD_TOKENS
-        manifest = _prepare_sources(
-            sources, out_dir, vocab_size=vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
-            shard_tokens=args.shard_tokens, tokenizer_train_docs=args.tokenizer_train_docs,
-            quiet=args.quiet, overwrite=args.overwrite,
-        )
+                print(f"prepare_data: demo corpus: {len(docs):,} documents, {n_bytes:,} bytes, "
+                      f"written to {inputs[0]}", file=sys.stderr)
+        settings = Settings(
+            inputs, out_dir, vocab_size=vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
+            shard_tokens=DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens,
+            tokenizer_train_docs=args.tokenizer_train_docs, quiet=args.quiet, input_format=args.format,
+            overwrite=args.overwrite)
+        manifest = prepare_settings(settings)
     except (ValueError, OSError, RuntimeError) as exc:
         raise SystemExit(f"prepare_data.py: error: {exc}") from None
     print(_summary(manifest, out_dir, time.monotonic() - t0))

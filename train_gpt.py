@@ -459,6 +459,7 @@ def load_tokenizer(h: Hyperparameters):
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
+SHARD_VOCAB_LIMIT = 1 << 16  # ids are uint16, so VOCAB_SIZE may be at most 65,536
 
 
 def read_shard(path: str) -> np.ndarray:
@@ -1902,19 +1903,35 @@ def decompress_blob(blob: bytes, source: str) -> tuple[dict, dict]:
     return w, m
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def atomic_write(path: str, *chunks: bytes) -> None:
+    """Write beside `path`, fsync, rename over it, fsync the folder: readers see the old file or the
+    new one, never a half-written one, and a write that fails removes its temporary file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno and e.filename is None:  # e.g. a full disk: say where
+            raise OSError(e.errno, f"writing {path}: {e.strerror}") from None
         raise
+    try:  # the rename itself is durable only once the folder is synced (POSIX; not on Windows)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def torch_bytes(obj) -> bytes:

@@ -23,7 +23,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import logformat  # noqa: E402
 import pack  # noqa: E402
+import record  # noqa: E402
 
 SCRIPT = textwrap.dedent('''\
     """A small script in the style of train_gpt.py: minification removes this docstring."""
@@ -259,7 +261,7 @@ def test_wrapper_through_lzma():
     for n in (0, 1, 100, 5000):
         # text that makes LZMA emit plenty of every byte value
         data = bytes(rng.choice(b'\x00\r\n\\"ab0') for _ in range(n)) + rng.randbytes(n)
-        stream, enc = pack.compress(data, search=n < 200)
+        stream, enc = pack.compress(data)
         for encoding in ("latin1", "base85"):
             assert pack.unpack(pack.wrap(stream, pack.decoder_filter(enc), encoding)) == data
 
@@ -321,7 +323,7 @@ def record_setup(packed_script, tmp_path):
 def test_record_folder_and_statistics(record_setup, tmp_path):
     src, out, code, losses, logs = record_setup
     baseline_loss = 2.7962
-    rc = pack.main(["--record", "TestRecord", "--logs", *map(str, logs), "--src", str(src), "--out", str(out),
+    rc = record.main(["--record", "TestRecord", "--logs", *map(str, logs), "--src", str(src), "--out", str(out),
                     "--out-dir", str(tmp_path / "records"), "--date", "2025-01-02",
                     "--baseline-loss", str(baseline_loss)])
     assert rc == 0
@@ -363,7 +365,7 @@ def test_record_folder_and_statistics(record_setup, tmp_path):
 def test_summary_converts_bpb_baseline(record_setup, tmp_path):
     *_, losses, logs = record_setup
     out = tmp_path / "submission.json"
-    assert pack.main(["--summary", *map(str, logs), "--out-json", str(out), "--baseline-bpb", "1.07882"]) == 0
+    assert record.main(["--summary", *map(str, logs), "--out-json", str(out), "--baseline-bpb", "1.07882"]) == 0
     s = json.loads(out.read_text())
     sig = s["significance"]
     assert sig["bpb_per_nat"] == pytest.approx(0.3855, rel=1e-6)
@@ -373,7 +375,7 @@ def test_summary_converts_bpb_baseline(record_setup, tmp_path):
 
 def test_single_log_has_no_std(record_setup, tmp_path):
     *_, logs = record_setup
-    s = pack.summarize([pack.parse_log(logs[0])], 1.07882)
+    s = record.summarize([logformat.parse_log(logs[0])], 1.07882)
     assert s["val_loss_std"] is None and s["significance"]["t_test"]["p_value"] is None
     assert "one run" in s["significance"]["note"]
 
@@ -392,7 +394,7 @@ def test_builder_refuses(record_setup, tmp_path, capsys, change, message):
     args = dict(seed=7, code=code, loss=2.787)
     args.update(change)
     bad = make_log(tmp_path / "bad.txt", args.pop("seed"), args.pop("code"), args.pop("loss"), **args)
-    rc = pack.main(["--record", "X", "--logs", str(logs[0]), str(bad), "--src", str(src), "--out", str(out),
+    rc = record.main(["--record", "X", "--logs", str(logs[0]), str(bad), "--src", str(src), "--out", str(out),
                     "--out-dir", str(tmp_path / "records")])
     err = capsys.readouterr().err
     assert rc == 1 and message in err, err
@@ -402,14 +404,14 @@ def test_builder_refuses(record_setup, tmp_path, capsys, change, message):
 def test_builder_accepts_path_differences(record_setup, tmp_path):
     *_, code, _, logs = record_setup
     other = make_log(tmp_path / "other.txt", 5, code, 2.7868, DATA_DIR="/elsewhere/")
-    s = pack.summarize([pack.parse_log(p) for p in (*logs, other)])
+    s = record.summarize([logformat.parse_log(p) for p in (*logs, other)])
     assert s["n_seeds"] == 4
 
 
 def test_builder_refuses_code_that_did_not_run(record_setup, tmp_path, capsys):
     src, _, _, _, _ = record_setup
     logs = [make_log(tmp_path / f"s{s}.txt", s, b"some other file", 2.78) for s in (1, 2)]
-    rc = pack.main(["--record", "X", "--logs", *map(str, logs), "--src", str(src),
+    rc = record.main(["--record", "X", "--logs", *map(str, logs), "--src", str(src),
                     "--out", str(tmp_path / "missing.py"), "--out-dir", str(tmp_path / "records")])
     assert rc == 1 and "no file matches the logs' code_sha256" in capsys.readouterr().err
 
@@ -417,7 +419,7 @@ def test_builder_refuses_code_that_did_not_run(record_setup, tmp_path, capsys):
 def test_builder_ships_the_readable_file_when_it_ran(record_setup, tmp_path):
     src, out, _, _, _ = record_setup
     logs = [make_log(tmp_path / f"s{s}.txt", s, src.read_bytes(), 2.78 + s / 1000) for s in (1, 2)]
-    folder = pack.build_record("Readable", logs, src, out, tmp_path / "records", "2025-01-01", 1.07882, None)
+    folder = record.build_record("Readable", logs, src, out, tmp_path / "records", "2025-01-01", 1.07882, None)
     assert (folder / "train_gpt.py").read_bytes() == src.read_bytes()
     assert not (folder / "train_gpt_readable.py").exists()
 
@@ -426,8 +428,8 @@ def test_log_with_two_runs_is_refused(record_setup, tmp_path):
     *_, logs = record_setup
     twice = tmp_path / "twice.txt"
     twice.write_text(logs[0].read_text() * 2)
-    with pytest.raises(pack.PackError, match="holds 2 runs"):
-        pack.parse_log(twice)
+    with pytest.raises(logformat.LogError, match="holds 2 runs"):
+        logformat.parse_log(twice)
 
 
 # -----------------------------------------------------------------------------
@@ -497,10 +499,11 @@ def test_packed_training_matches_readable(tiny, tmp_path):
     data = packed.read_bytes()
     assert f"code_bytes:{len(data)}" in packed_log.splitlines()
     assert f"code_sha256:{hashlib.sha256(data).hexdigest()}" in packed_log.splitlines()
-    blob = int(re.search(r"Serialized model quantized\+\w+: (\d+) bytes", packed_log).group(1))
-    assert f"Total submission size quantized+{tiny['COMPRESSOR']}: {blob + len(data)} bytes" in packed_log
+    stated = logformat.scan_log(packed_log)
+    assert stated["compressor"] == tiny["COMPRESSOR"]
+    assert stated["total_bytes"] == stated["model_bytes"] + len(data)
     # the builder finds the packed file by the hash the run logged
-    folder = pack.build_record("tiny", [tmp_path / "packed" / "logs" / f"{tiny['RUN_ID']}.txt"], TRAIN_GPT, packed,
+    folder = record.build_record("tiny", [tmp_path / "packed" / "logs" / f"{tiny['RUN_ID']}.txt"], TRAIN_GPT, packed,
                                tmp_path / "records", "2025-01-01", 1.07882, None)
     s = json.loads((folder / "submission.json").read_text())
     assert s["bytes_code"] == len(data) and s["hardware"].startswith("device:cpu")
@@ -512,7 +515,37 @@ def test_baseline_none_skips_the_significance_test(record_setup, tmp_path):
     """Logs of another data set (a CPU benchmark) cannot be tested against the record's bpb."""
     *_, logs = record_setup
     out = tmp_path / "s.json"
-    assert pack.main(["--summary", *map(str, logs), "--out-json", str(out), "--baseline-bpb", "none"]) == 0
+    assert record.main(["--summary", *map(str, logs), "--out-json", str(out), "--baseline-bpb", "none"]) == 0
     sig = json.loads(out.read_text())["significance"]
     assert sig["note"] == "no baseline given"
     assert "t_test" not in sig and "baseline_bpb" not in sig
+
+
+@pytest.mark.parametrize("name", ["cpu_small_seed1", "cpu_small_smearmask_seed2"])
+def test_parse_log_reads_a_real_log_as_bench_recorded_it(name):
+    """A committed CPU benchmark log gives back the figures bench.py stored next to it."""
+    log = logformat.parse_log(ROOT / "logs" / f"{name}.txt")
+    stored = json.loads((ROOT / "logs" / f"{name}.json").read_text())
+    assert log["stages"] == stored["stages"] and log["final_stage"] == "quantized_ttt"
+    for key in ("model_bytes", "code_bytes", "total_bytes", "steps", "train_time_ms", "tokens_per_second",
+                "model_params", "hardware", "versions"):
+        assert log[key] == stored[key], key
+    assert log["total_bytes"] == log["model_bytes"] + log["code_bytes"] <= logformat.SIZE_LIMIT_BYTES
+
+
+def test_bench_record_names_no_machine_folder_and_says_when_dirty(tmp_path, monkeypatch):
+    import argparse
+
+    import bench
+
+    monkeypatch.setattr(bench, "ROOT", tmp_path / "repo")
+    monkeypatch.setattr(bench, "git_state", lambda: {"git_commit": "0" * 40, "git_dirty": True})
+    log = logformat.parse_log(make_log(tmp_path / "run.txt", 1, b"code", 2.8))
+    env = {"DATA_DIR": str(tmp_path / "data_pydocs"), "SEED": "1",
+           "QUANTIZED_MODEL_PATH": str(tmp_path / "repo" / "build" / "bench" / "x" / "final_model.int6.ptz")}
+    args = argparse.Namespace(name="x", preset="presets/cpu_small.env", data="../data_pydocs", set=["SEED=1"])
+    result = bench.benchmark_record(args, env, log, 12.34)
+    assert result["settings"] == {"DATA_DIR": "../data_pydocs", "SEED": "1",
+                                  "QUANTIZED_MODEL_PATH": "build/bench/x/final_model.int6.ptz"}
+    assert result["git_commit"] == "0" * 40 and result["git_dirty"] is True
+    assert result["stages"] == log["stages"] and result["tokens_per_second"] == 7912345

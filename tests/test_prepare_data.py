@@ -358,10 +358,20 @@ def test_missing_input_file(tmp_path, jsonl):
 
 
 def test_vocab_too_large_for_uint16(tmp_path, jsonl):
-    _expect_failure(tmp_path, ValueError, r"65536.*uint16", [jsonl], vocab_size=65536)
+    _expect_failure(tmp_path, ValueError, r"65537.*uint16", [jsonl], vocab_size=65537)
     with pytest.raises(ValueError, match=r"70000.*uint16"):
         prep.train_tokenizer(["some text"], 70000, tmp_path / "m.model")
     assert not (tmp_path / "m.model").exists()
+
+
+def test_largest_vocab_is_the_one_train_gpt_reads(tmp_path):
+    # uint16 holds ids 0..65535, so a 65,536-piece vocabulary fits; prepare_data used to refuse it
+    # while train_gpt.py accepted it.
+    import train_gpt
+
+    prep._check_vocab_size(65536)
+    path = prep.write_shard(tmp_path / "s.bin", [0, 65535])
+    assert train_gpt.read_shard(str(path)).tolist() == [0, 65535]
 
 
 def test_vocab_size_does_not_fit_the_corpus(tmp_path, corpus):

@@ -184,21 +184,21 @@ def test_pack_summary_refuses_incomplete_or_non_finite_runs(case, tmp_path, caps
     else:
         log = pack_log(tmp_path, loss=math.nan if case == "nan" else math.inf)
     out = tmp_path / "submission.json"
-    import pack
+    import record
 
-    assert pack.main(["--summary", str(log), "--out-json", str(out)]) == 1
+    assert record.main(["--summary", str(log), "--out-json", str(out)]) == 1
     err = capsys.readouterr().err
     assert str(log) in err and ("did not finish" in err or "non-finite" in err)
     assert not out.exists()
 
 
 def test_pack_json_is_never_written_with_nan(tmp_path, monkeypatch):
-    import pack
+    import record
 
-    monkeypatch.setattr(pack, "summarize", lambda *a: {"val_bpb": math.nan, "n_seeds": 1, "hardware": "x"})
+    monkeypatch.setattr(record, "summarize", lambda *a: {"val_bpb": math.nan, "n_seeds": 1, "hardware": "x"})
     out = tmp_path / "submission.json"
     with pytest.raises(ValueError, match="not JSON compliant"):
-        pack.main(["--summary", str(pack_log(tmp_path)), "--out-json", str(out)])
+        record.main(["--summary", str(pack_log(tmp_path)), "--out-json", str(out)])
     assert not out.exists()
 
 
@@ -308,19 +308,20 @@ def record_track_log(tmp_path: Path, *extra: str) -> Path:
 
 
 def test_pack_record_refuses_a_log_over_600_seconds(tmp_path, capsys):
-    import pack
+    import logformat
+    import record
 
     over = record_track_log(tmp_path, "gptq:collected 67 hessians from 64 training batches in 13100ms")
-    assert pack.main(["--record", "R", "--logs", str(over), "--out-dir", str(tmp_path / "records")]) == 1
+    assert record.main(["--record", "R", "--logs", str(over), "--out-dir", str(tmp_path / "records")]) == 1
     assert "training plus GPTQ calibration took 601.1s, over the 600s limit by 1.1s" in capsys.readouterr().err
     stated = record_track_log(tmp_path, "train_plus_calibration_time:600500ms limit:600000ms")
-    with pytest.raises(pack.PackError, match="over the 600s limit by 0.5s"):
-        pack.check_record_time(pack.parse_log(stated))
+    with pytest.raises(record.RecordError, match="over the 600s limit by 0.5s"):
+        record.check_record_time(logformat.parse_log(stated))
     within = record_track_log(tmp_path, "gptq:collected 67 hessians from 64 training batches in 11000ms")
-    pack.check_record_time(pack.parse_log(within))
+    record.check_record_time(logformat.parse_log(within))
     cpu = tmp_path / "cpu.txt"  # another track: no 600 s rule
     cpu.write_text(over.read_text().replace("device:cuda gpu:NVIDIA H100 80GB HBM3 world_size:8", "device:cpu"))
-    pack.check_record_time(pack.parse_log(cpu))
+    record.check_record_time(logformat.parse_log(cpu))
 
 
 # -----------------------------------------------------------------------------
@@ -473,8 +474,8 @@ def test_disk_full_names_the_path(tiny_data, tmp_path, monkeypatch):
     import prepare_data
 
     class FullDisk:
-        def __init__(self, fd, mode):
-            os.close(fd)
+        def __init__(self, path, mode):
+            pass
 
         def __enter__(self):
             return self
@@ -485,10 +486,39 @@ def test_disk_full_names_the_path(tiny_data, tmp_path, monkeypatch):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(prepare_data.os, "fdopen", FullDisk)
+    monkeypatch.setattr(train_gpt, "open", FullDisk, raising=False)  # atomic_write's open() only
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=r"writing .*fineweb_384_bpe\.model: No space left on device"):
         prepare_data.main(prep_args(tiny_data, docs_jsonl(tiny_data, tmp_path / "d.jsonl"), out))
+
+
+def test_atomic_write_that_fails_midway_names_the_path_and_leaves_no_temp(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "fineweb_train_000000.bin"
+    path.write_bytes(b"old shard")
+
+    class FullDiskAfterFirstChunk:
+        def __init__(self, name, mode):
+            self.f = open(name, mode)  # the temporary file exists on disk
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            return False
+
+        def write(self, data):
+            if self.f.tell():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.f.write(data)
+
+    monkeypatch.setattr(train_gpt, "open", FullDiskAfterFirstChunk, raising=False)
+    with pytest.raises(OSError, match=rf"writing {re.escape(str(path))}: No space left on device"):
+        train_gpt.atomic_write(str(path), b"header", b"tokens")
+    assert path.read_bytes() == b"old shard"
+    assert os.listdir(tmp_path) == [path.name], "a failed write left its temporary file behind"
 
 
 def test_empty_tokenizer_is_named(tmp_path):
