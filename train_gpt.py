@@ -215,7 +215,7 @@ class Hyperparameters:
             raise ValueError(f"GATE_WIDTH={h.gate_width} exceeds MODEL_DIM={h.model_dim}")
         if h.smear_gate and h.smear_gate_width > h.model_dim:
             raise ValueError(f"SMEAR_GATE_WIDTH={h.smear_gate_width} exceeds MODEL_DIM={h.model_dim}")
-        if h.vocab_size > 65536:
+        if h.vocab_size > SHARD_VOCAB_LIMIT:
             raise ValueError(f"VOCAB_SIZE={h.vocab_size} does not fit the uint16 shards")
         if h.eval_seq_len % h.eval_stride != 0:
             raise ValueError(f"EVAL_STRIDE={h.eval_stride} must divide EVAL_SEQ_LEN={h.eval_seq_len}")
