@@ -161,15 +161,20 @@ def quick_run(tiny_data, tmp_path_factory) -> dict:
     return {"cwd": cwd, "env": env, "log": read_log(cwd, env["RUN_ID"]), "artifact": Path(env["QUANTIZED_MODEL_PATH"])}
 
 
-def run_main(env: dict, monkeypatch, cwd: Path) -> int:
-    """train_gpt.main() in this process with exactly `env` on top of the clean environment, in `cwd`:
-    for runs whose numbers or errors are under test, not the interpreter start-up (which costs
-    seconds per run). Use with the `one_thread` fixture to match a subprocess run's OMP_NUM_THREADS=1."""
-    import train_gpt
-
+def use_run_env(env: dict, monkeypatch, cwd: Path) -> None:
+    """Set `env` on top of the clean environment and work in `cwd`, as a run started there would."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(cwd)
+
+
+def run_main(env: dict, monkeypatch, cwd: Path) -> int:
+    """train_gpt.main() in this process with `env` in `cwd`: for runs whose numbers or errors are
+    under test, not the interpreter start-up (which costs seconds per run). Use with the
+    `one_thread` fixture to match a subprocess run's OMP_NUM_THREADS=1."""
+    import train_gpt
+
+    use_run_env(env, monkeypatch, cwd)
     return train_gpt.main()
 
 
