@@ -22,6 +22,8 @@ import prepare_data  # noqa: E402  (the producer users run: its shard writer and
 from prepare_data import write_shard  # noqa: E402
 
 TINY_VOCAB = 384
+# Validation documents of tiny_data (about 6,700 tokens): every evaluation of every run scores them all.
+TINY_VAL_DOCS = 30
 WORDS = ("the a an of to in and is was for on with as by at from that this it be are not or have "
          "model token byte window chunk layer weight matrix scale loss train value shard gradient "
          "river mountain city house garden winter summer morning evening music story letter friend "
@@ -88,20 +90,21 @@ def clean_env():
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
-    """DATA_DIR with a trained tokenizer, one val shard and three train shards."""
+    """DATA_DIR with a trained tokenizer, one val shard ([BOS]+doc for the first TINY_VAL_DOCS
+    documents) and three train shards."""
     import sentencepiece as spm
 
     root = tmp_path_factory.mktemp("tiny_data")
     tok_dir, ds_dir = root / "tokenizers", root / "datasets" / f"fineweb10B_sp{TINY_VOCAB}"
     tok_dir.mkdir(parents=True)
     ds_dir.mkdir(parents=True)
-    docs = make_documents(700)
-    model_path = train_sentencepiece(docs[60:], TINY_VOCAB, tok_dir / f"fineweb_{TINY_VOCAB}_bpe.model")
+    docs = make_documents(TINY_VAL_DOCS + 640)
+    model_path = train_sentencepiece(docs[TINY_VAL_DOCS:], TINY_VOCAB, tok_dir / f"fineweb_{TINY_VOCAB}_bpe.model")
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     streams = [[1] + sp.encode(d) for d in docs]
-    val = [t for s in streams[:60] for t in s]
+    val = [t for s in streams[:TINY_VAL_DOCS] for t in s]
     write_shard(ds_dir / "fineweb_val_000000.bin", val)
-    train = [t for s in streams[60:] for t in s]
+    train = [t for s in streams[TINY_VAL_DOCS:] for t in s]
     for i, part in enumerate(np.array_split(np.array(train), 3)):
         write_shard(ds_dir / f"fineweb_train_{i:06d}.bin", part)
     return {"data_dir": str(root), "tokenizer_path": str(model_path), "vocab_size": TINY_VOCAB,
@@ -130,11 +133,11 @@ def tiny_run_env(tiny_data: dict, out: Path, **changes: str) -> dict:
     artifact goes to `out`. `changes` are further variables."""
     env = dict(
         TINY_MODEL, DATA_DIR=tiny_data["data_dir"], RUN_ID="tiny", SEED="7",
-        ITERATIONS="12", TRAIN_BATCH_TOKENS="2048", GRAD_ACCUM_STEPS="2", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", EVAL_STRIDE="32",
+        ITERATIONS="12", TRAIN_BATCH_TOKENS="2048", GRAD_ACCUM_STEPS="2", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", EVAL_STRIDE="64",
         EVAL_BATCH_SEQS="16", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="6", TRAIN_LOG_EVERY="1",
         MUON_MOMENTUM_WARMUP_STEPS="5", GPTQ_CALIBRATION_BATCHES="4", TTT_CHUNK_TOKENS="1024", TTT_EPOCHS="1",
         COMPRESSOR="lzma", QUANTIZED_MODEL_PATH=str(Path(out) / "final_model.int6.ptz"),
-        OMP_NUM_THREADS="2",
+        OMP_NUM_THREADS="1",  # tiny tensors: one thread is fastest, and does not spin on a busy machine
     )
     return {**env, **changes}
 
@@ -145,10 +148,9 @@ def tiny_env(tiny_data, tmp_path) -> dict:
 
 
 # A short run: training with two validations, GPTQ, the artifact and its plain evaluation. The
-# sliding-window and TTT evaluations are off (the full run of test_train.py covers them); one
-# thread, so that an in-process run under the `one_thread` fixture computes the same numbers.
-QUICK = dict(ITERATIONS="4", WARMUP_STEPS="1", VAL_LOSS_EVERY="2", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0",
-             OMP_NUM_THREADS="1")
+# sliding-window and TTT evaluations are off (the full run of test_train.py covers them). One
+# thread, as every tiny run, so an in-process run under the `one_thread` fixture computes the same numbers.
+QUICK = dict(ITERATIONS="4", WARMUP_STEPS="1", VAL_LOSS_EVERY="2", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0")
 
 
 @pytest.fixture(scope="session")

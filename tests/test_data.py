@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_documents, train_sentencepiece, write_shard
+from conftest import TINY_VAL_DOCS, make_documents, train_sentencepiece, write_shard
 
 import train_gpt as tg
 
@@ -215,11 +215,11 @@ def test_byte_count_equals_decoded_utf8_length(sp, luts):
 
 
 def test_byte_count_of_a_multi_document_stream(sp, luts, tiny_data):
-    # The tiny validation shard is [BOS]+doc for the first 60 documents: the boundary rule must
-    # make the whole stream's count the sum of the documents' decoded lengths.
+    # The tiny validation shard is [BOS]+doc for the first TINY_VAL_DOCS documents: the boundary
+    # rule must make the whole stream's count the sum of the documents' decoded lengths.
     stream = tg.load_validation_tokens(str(Path(tiny_data["data_dir"]) / "datasets" / f"fineweb10B_sp{tiny_data['vocab_size']}" /
                                            "fineweb_val_*.bin"), 1, tiny_data["vocab_size"])
-    docs = tiny_data["docs"][:60]
+    docs = tiny_data["docs"][:TINY_VAL_DOCS]
     assert stream.numel() == tiny_data["val_tokens"]
     assert counted(stream.tolist(), luts) == sum(true_bytes(sp, d) for d in docs)
 

@@ -265,7 +265,7 @@ def new_formats_run(tiny_data, tmp_path_factory) -> dict:
     compressor, the polar Newton-Schulz schedule); also the run whose projection is checked below."""
     cwd = tmp_path_factory.mktemp("new_formats")
     env = tiny_run_env(tiny_data, cwd, ITERATIONS="4", WARMUP_STEPS="1", VAL_LOSS_EVERY="0",
-                       SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", OMP_NUM_THREADS="1",
+                       SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0",
                        EMBED_BITS="7", ATTN_CLIP_SIGMAS="10", MLP_CLIP_SIGMAS="11.5", EMBED_CLIP_SIGMAS="14",
                        LQER_TOP_K="2", LQER_RANK="2", LQER_GROUP="16", COMPRESSOR="family", MUON_NS_COEFFS="polar")
     run_script(env, cwd)
