@@ -10,18 +10,12 @@ evaluation batch, sliding windows, a freshly loaded model and the TTT steps reus
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import bench  # noqa: E402
-import train_gpt as tg  # noqa: E402
+import bench
+import train_gpt as tg
 
 V = 384
 # Two layers (looped order 0, 0, 0, 1) keep tracing short; every block feature is there.

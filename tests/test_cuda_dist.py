@@ -22,8 +22,6 @@ from conftest import TINY_MODEL
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import train_gpt as tg  # noqa: E402
 

@@ -13,36 +13,27 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import bench
+import train_gpt as tg
 
-import bench  # noqa: E402
-import train_gpt as tg  # noqa: E402
+from conftest import TINY_VOCAB as V, tiny_hparams
 
-V = 384
-TINY = dict(
-    vocab_size=V, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8,
-    xsa_last_n=4, parallel_residual_start=3, loop_start=1, loop_end=2, num_loops=1,
-    bigram_vocab_size=512, bigram_dim=16, gate_width=12, smear_gate_width=12,
-    train_seq_len=32, train_batch_tokens=128, grad_accum_steps=1,
-    eval_seq_len=32, eval_stride=16, eval_batch_seqs=4,
-    ttt_chunk_tokens=128, ttt_epochs=1, ttt_batch_seqs=4, compile=False, run_id="test_cuda_path", seed=0,
-)
+# conftest's tiny model with short sequences and small batches: every path below runs in milliseconds.
+SHORT = dict(train_seq_len=32, train_batch_tokens=128, grad_accum_steps=1, eval_seq_len=32, eval_stride=16,
+             eval_batch_seqs=4, ttt_chunk_tokens=128, ttt_epochs=1, ttt_batch_seqs=4, compile=False,
+             run_id="test_cuda_path", seed=0)
 HEAD_DIM = 64  # FA3's head dimension in the record; the stand-in checks the model's own
 
-pytestmark = pytest.mark.usefixtures("one_thread", "clean_env")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_h(**overrides) -> tg.Hyperparameters:
-    return tg.Hyperparameters(**{**TINY, **overrides})
+    return tiny_hparams(**{**SHORT, **overrides})
 
 
 def cpu_runtime(h, **overrides):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_documents, write_shard
+from conftest import TINY_VAL_DOCS, make_documents, train_sentencepiece, write_shard
 
 import train_gpt as tg
 
@@ -215,11 +215,11 @@ def test_byte_count_equals_decoded_utf8_length(sp, luts):
 
 
 def test_byte_count_of_a_multi_document_stream(sp, luts, tiny_data):
-    # The tiny validation shard is [BOS]+doc for the first 60 documents: the boundary rule must
-    # make the whole stream's count the sum of the documents' decoded lengths.
+    # The tiny validation shard is [BOS]+doc for the first TINY_VAL_DOCS documents: the boundary
+    # rule must make the whole stream's count the sum of the documents' decoded lengths.
     stream = tg.load_validation_tokens(str(Path(tiny_data["data_dir"]) / "datasets" / f"fineweb10B_sp{tiny_data['vocab_size']}" /
                                            "fineweb_val_*.bin"), 1, tiny_data["vocab_size"])
-    docs = tiny_data["docs"][:60]
+    docs = tiny_data["docs"][:TINY_VAL_DOCS]
     assert stream.numel() == tiny_data["val_tokens"]
     assert counted(stream.tolist(), luts) == sum(true_bytes(sp, d) for d in docs)
 
@@ -278,7 +278,7 @@ def test_tokenizer_without_standalone_space_piece_is_refused(tmp_path):
     # Trained on text without spaces, SentencePiece has no '▁' piece at all (with spaces in the
     # text it always creates one as a character piece, so this is the real-world way to lack it).
     docs = [d.replace(" ", "") for d in make_documents(100, seed=5)]
-    path = train_sentencepiece_no_space_symbol(docs, 340, tmp_path / "nospace.model")
+    path = train_sentencepiece(docs, 340, tmp_path / "nospace.model")
     sp_ns = spm.SentencePieceProcessor(model_file=str(path))
     assert sp_ns.piece_to_id(SPACE) == sp_ns.unk_id()
     with pytest.raises(ValueError, match=SPACE):
@@ -303,20 +303,6 @@ def test_processor_mapping_space_to_unk_is_refused(sp, tiny_data):
         with pytest.raises(ValueError):
             tg.build_sentencepiece_luts(fake, tiny_data["vocab_size"], torch.device("cpu"))
     tg.build_sentencepiece_luts(sp, tiny_data["vocab_size"], torch.device("cpu"))  # the real one is fine
-
-
-def train_sentencepiece_no_space_symbol(docs: list[str], vocab_size: int, model_path: Path) -> Path:
-    """The SPEC's trainer settings minus user_defined_symbols=['▁']."""
-    import sentencepiece as spm
-
-    text = model_path.with_suffix(".txt")
-    text.write_text("\n".join(docs), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(model_path.with_suffix("")), vocab_size=vocab_size, model_type="bpe",
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, split_digits=True,
-        normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, character_coverage=0.999,
-        num_threads=1, minloglevel=2)
-    return model_path
 
 
 def test_wrong_vocab_size_names_both_sizes(sp, tiny_data):

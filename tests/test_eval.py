@@ -34,29 +34,23 @@ import torch.nn.functional as F
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import train_gpt  # noqa: E402
 
-V = 384  # the tiny tokenizer's vocabulary (conftest.TINY_VOCAB)
+from conftest import PROCESS_VARS, TINY_VOCAB as V, tiny_hparams
 
-# A tiny model with every component of the record: bigram branch, SmearGate, gated XSA
-# attention, depth recurrence (layers 1..2 twice), U-Net skips and parallel blocks.
-BASE = dict(
-    vocab_size=V, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8,
-    xsa_last_n=4, parallel_residual_start=3, loop_start=1, loop_end=2, num_loops=1,
-    bigram_vocab_size=512, bigram_dim=16, gate_width=12, smear_gate_width=12,
+# conftest's tiny model, which has every component of the record: bigram branch, SmearGate, gated
+# XSA attention, depth recurrence (layers 1..2 twice), U-Net skips and parallel blocks.
+RUN = dict(
     train_seq_len=64, train_batch_tokens=512, grad_accum_steps=1,
     eval_seq_len=64, eval_stride=16, eval_batch_seqs=32,
     ttt_chunk_tokens=256, ttt_epochs=2, ttt_lr=0.2, ttt_batch_seqs=32,
     compile=False, run_id="test_eval", seed=0,
 )
-PROCESS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def make_h(**overrides) -> train_gpt.Hyperparameters:
-    return train_gpt.Hyperparameters(**{**BASE, **overrides})
+    return tiny_hparams(**{**RUN, **overrides})
 
 
 def build_model(h, seed: int = 0, zero_bigram_embed: bool = False) -> train_gpt.GPT:
@@ -228,16 +222,6 @@ def sliding_and_ttt(h, rt, n_tokens: int, seed: int) -> dict:
 # -----------------------------------------------------------------------------------------
 # fixtures
 # -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    """Hyperparameters reads the environment first: keep a user's settings and torchrun's
-    variables out of these in-process (single-rank) runs."""
-    for name, _, _ in train_gpt.HPARAMS:
-        monkeypatch.delenv(name.upper(), raising=False)
-    for name in PROCESS_VARS:
-        monkeypatch.delenv(name, raising=False)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -36,7 +36,7 @@ TINY = dict(vocab_size=384, num_layers=4, model_dim=64, num_heads=4, num_kv_head
             eval_seq_len=64, eval_stride=16, eval_batch_seqs=16, ttt_chunk_tokens=256, ttt_epochs=1,
             ttt_lr=0.05, warmup_steps=0, muon_momentum_warmup_steps=5, compile=False, run_id="test_kernels", seed=3)
 
-pytestmark = pytest.mark.usefixtures("one_thread", "clean_env")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -25,7 +25,7 @@ EPS32 = torch.finfo(torch.float32).eps
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread", "clean_env")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_h(**overrides) -> tg.Hyperparameters:

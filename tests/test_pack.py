@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import logformat  # noqa: E402
 import pack  # noqa: E402
 import record  # noqa: E402
+from conftest import read_log, run_script  # noqa: E402
 
 SCRIPT = textwrap.dedent('''\
     """A small script in the style of train_gpt.py: minification removes this docstring."""
@@ -440,32 +440,6 @@ TRAIN_GPT = ROOT / "train_gpt.py"
 needs_train_gpt = pytest.mark.skipif(not TRAIN_GPT.exists(), reason="train_gpt.py does not exist yet")
 
 
-@pytest.fixture
-def tiny(request) -> dict:
-    try:
-        return request.getfixturevalue("tiny_env")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py provides no tiny_env fixture")
-
-
-def run_trainings(scripts: dict[str, Path], tmp_path: Path, env: dict) -> dict[str, str]:
-    """Run each script concurrently in its own cwd; return each one's log."""
-    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    procs = {}
-    for name, script in scripts.items():
-        cwd = tmp_path / name
-        cwd.mkdir(parents=True, exist_ok=True)
-        run_env = {**full, **env, "QUANTIZED_MODEL_PATH": str(cwd / "final_model.int6.ptz")}
-        procs[name] = (script, cwd, subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=run_env,
-                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    logs = {}
-    for name, (script, cwd, proc) in procs.items():
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
-        logs[name] = (cwd / "logs" / f"{env['RUN_ID']}.txt").read_text()
-    return logs
-
-
 def comparable(log: str) -> list[str]:
     """Loss and size lines without the timing fields."""
     keep = re.compile(r"(\d+/\d+ (train|val)_loss|weights_checksum|pre-quantization|quantized|Serialized model quantized)")
@@ -484,15 +458,15 @@ def test_real_script_packs_within_overhead():
 
 
 @needs_train_gpt
-def test_packed_training_matches_readable(tiny, tmp_path):
+def test_packed_training_matches_readable(quick_run, tmp_path):
     packed = tmp_path / "build" / "train_gpt.py"
     assert pack.main(["--src", str(TRAIN_GPT), "--out", str(packed), "--logs", str(tmp_path / "none")]) == 0
-    # The two runs go side by side, one thread each; the sliding-window and TTT evaluations are
-    # off because they add minutes on a small CPU and exercise nothing the packing could change.
-    env = dict(tiny, OMP_NUM_THREADS="1", ITERATIONS="4", VAL_LOSS_EVERY="2", WARMUP_STEPS="1",
-               SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0")
-    logs = run_trainings({"readable": TRAIN_GPT, "packed": packed}, tmp_path, env)
-    readable_log, packed_log = logs["readable"], logs["packed"]
+    # The packed file runs the settings of the shared quick run of the readable one: one thread, the
+    # sliding-window and TTT evaluations off (they exercise nothing the packing could change).
+    env = dict(quick_run["env"], QUANTIZED_MODEL_PATH=str(tmp_path / "packed" / "final_model.int6.ptz"))
+    (tmp_path / "packed").mkdir()
+    run_script(env, tmp_path / "packed", script=packed)
+    readable_log, packed_log = quick_run["log"], read_log(tmp_path / "packed", env["RUN_ID"])
     a, b = comparable(readable_log), comparable(packed_log)
     assert any("quantized val_loss" in line for line in b) and len(a) > 5
     assert a == b
@@ -500,10 +474,10 @@ def test_packed_training_matches_readable(tiny, tmp_path):
     assert f"code_bytes:{len(data)}" in packed_log.splitlines()
     assert f"code_sha256:{hashlib.sha256(data).hexdigest()}" in packed_log.splitlines()
     stated = logformat.scan_log(packed_log)
-    assert stated["compressor"] == tiny["COMPRESSOR"]
+    assert stated["compressor"] == env["COMPRESSOR"]
     assert stated["total_bytes"] == stated["model_bytes"] + len(data)
     # the builder finds the packed file by the hash the run logged
-    folder = record.build_record("tiny", [tmp_path / "packed" / "logs" / f"{tiny['RUN_ID']}.txt"], TRAIN_GPT, packed,
+    folder = record.build_record("tiny", [tmp_path / "packed" / "logs" / f"{env['RUN_ID']}.txt"], TRAIN_GPT, packed,
                                tmp_path / "records", "2025-01-01", 1.07882, None)
     s = json.loads((folder / "submission.json").read_text())
     assert s["bytes_code"] == len(data) and s["hardware"].startswith("device:cpu")

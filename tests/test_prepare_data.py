@@ -19,10 +19,9 @@ import pytest
 import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import prepare_data as prep  # noqa: E402
+import train_gpt  # noqa: E402  (the consumer: every shard written here is read back by its reader)
 
 VOCAB = 400
 VAL_DOCS = 7
@@ -93,7 +92,7 @@ def split_docs(stream: np.ndarray) -> list[list[int]]:
 
 def split_stream(out: Path, manifest: dict, split: str) -> np.ndarray:
     shards = manifest["splits"][split]["shards"]
-    return np.concatenate([prep.read_shard(out / s["file"]) for s in shards])
+    return np.concatenate([train_gpt.read_shard(str(out / s["file"])) for s in shards])
 
 
 def bin_files(root: Path) -> list[Path]:
@@ -154,7 +153,7 @@ def test_layout_headers_sizes_and_manifest(prepared):
             if i < len(files) - 1:
                 assert n == SHARD_TOKENS  # only the last shard of a split is short
             assert s["sha256"] == prep._sha256_file(f)
-            tokens = prep.read_shard(f)
+            tokens = train_gpt.read_shard(str(f))
             assert tokens.dtype == np.uint16 and len(tokens) == n and int(tokens.max()) < VOCAB
         assert manifest["splits"][split]["tokens"] == sum(s["tokens"] for s in shards)
 
@@ -413,6 +412,7 @@ def test_write_and_read_shard(tmp_path):
         assert path.stat().st_size == 1024 + 2 * len(tokens)
         back = prep.read_shard(path)
         assert back.dtype == np.uint16 and back.tolist() == list(np.asarray(tokens, dtype=np.int64))
+        assert train_gpt.read_shard(str(path)).tolist() == back.tolist()  # and the consumer reads the same
     raw = (tmp_path / "s.bin").read_bytes()
     assert raw[:12] == np.array([20240520, 1, 2], dtype="<i4").tobytes() and raw[1024:] == b"\x05\x00\x06\x00"
 
@@ -472,8 +472,8 @@ def test_demo(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokenizer"]["vocab_size"] == 512
     dataset = out / "datasets" / "fineweb10B_sp512"
-    val = np.concatenate([prep.read_shard(p) for p in sorted(dataset.glob("fineweb_val_*.bin"))])
-    train = np.concatenate([prep.read_shard(p) for p in sorted(dataset.glob("fineweb_train_*.bin"))])
+    val = np.concatenate([train_gpt.read_shard(str(p)) for p in sorted(dataset.glob("fineweb_val_*.bin"))])
+    train = np.concatenate([train_gpt.read_shard(str(p)) for p in sorted(dataset.glob("fineweb_train_*.bin"))])
     assert int((val == 1).sum()) == 50 and val[0] == 1 and train[0] == 1
     assert len(val) > 2049 and len(train) > 100_000  # enough to evaluate and train a small model
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizers" / "fineweb_512_bpe.model"))

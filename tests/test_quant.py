@@ -18,7 +18,7 @@ import brotli
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, read_log, run_script
+from conftest import ROOT, TINY_MODEL, read_log, run_main, tiny_hparams
 
 import train_gpt
 
@@ -66,19 +66,6 @@ def spec_table(num_layers: int) -> dict[str, str]:
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-HP_TYPES = {name: typ for name, typ, _ in train_gpt.HPARAMS}
-
-
-def tiny_hparams(**extra) -> train_gpt.Hyperparameters:
-    """The tiny model of conftest, as keyword overrides."""
-    kw = {}
-    for key, raw in TINY_MODEL.items():
-        typ = HP_TYPES[key.lower()]
-        kw[key.lower()] = raw == "1" if typ is bool else typ(raw)
-    kw.update(extra)
-    return train_gpt.Hyperparameters(**kw)
 
 
 # -----------------------------------------------------------------------------
@@ -443,10 +430,6 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
 # End to end: a tiny CPU run writes the artifact, EVAL_ONLY re-reads it
 # -----------------------------------------------------------------------------
 
-# Training and plain evaluation only: sliding window and TTT are covered elsewhere.
-# One thread: the tensors are tiny, and extra threads only spin on a busy machine.
-QUICK = dict(ITERATIONS="4", WARMUP_STEPS="1", VAL_LOSS_EVERY="0",
-             SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", OMP_NUM_THREADS="1")
 QUANTIZED_LINE = re.compile(r"^quantized val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8}) eval_time:\d+ms$", re.M)
 
 
@@ -456,16 +439,10 @@ def logged_int(log: str, pattern: str) -> int:
     return int(found[0])
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    """One tiny run: train, GPTQ, write the artifact, evaluate it."""
-    import conftest
-
-    cwd = tmp_path_factory.mktemp("quant_run")
-    env = dict(conftest.tiny_env.__wrapped__(tiny_data, cwd), **QUICK)
-    run_script(env, cwd)
-    return {"cwd": cwd, "env": env, "log": read_log(cwd, env["RUN_ID"]),
-            "artifact": Path(env["QUANTIZED_MODEL_PATH"])}
+@pytest.fixture
+def trained(quick_run):
+    """conftest's shared short run: train, GPTQ, write the artifact, evaluate it."""
+    return quick_run
 
 
 def test_run_writes_artifact_and_logs_its_size(trained):
@@ -523,14 +500,13 @@ def test_artifact_is_the_quantized_final_model(trained):
     assert not final["bigram.embed.weight"].any() and not out["bigram.embed.weight"].any()
 
 
-def test_eval_only_reproduces_the_score_then_enforces_the_budget(trained, tmp_path):
+def test_eval_only_reproduces_the_score_then_enforces_the_budget(trained, tmp_path, monkeypatch, one_thread):
     """EVAL_ONLY=1 on the shipped artifact gives the training run's quantized score; with a
     1,000-byte limit the run still evaluates, then logs OVER BUDGET and exits non-zero."""
     env = dict(trained["env"], RUN_ID="tiny_eval_only", EVAL_ONLY="1", SIZE_LIMIT_BYTES="1000")
-    proc = run_script(env, tmp_path, check=False)
-    assert (tmp_path / "logs" / "tiny_eval_only.txt").is_file(), proc.stderr[-3000:]
+    status = run_main(env, monkeypatch, tmp_path)  # in this process, one thread as the training run
     log = read_log(tmp_path, "tiny_eval_only")
-    assert QUANTIZED_LINE.search(log), f"the eval-only run did not evaluate:\n{proc.stderr[-3000:]}"
+    assert QUANTIZED_LINE.search(log), "the eval-only run did not evaluate"
     n = logged_int(log, r"^Serialized model quantized\+lzma: (\d+) bytes$")
     assert n == trained["artifact"].stat().st_size
     (loss0, bpb0), = QUANTIZED_LINE.findall(trained["log"])
@@ -541,4 +517,4 @@ def test_eval_only_reproduces_the_score_then_enforces_the_budget(trained, tmp_pa
     total = logged_int(log, r"^Total submission size quantized\+lzma: (\d+) bytes$")
     assert total == n + (ROOT / "train_gpt.py").stat().st_size
     assert logged_int(log, r"^OVER BUDGET by (\d+) bytes") == total - 1000
-    assert proc.returncode != 0, "an over-budget run must exit non-zero"
+    assert status != 0, "an over-budget run must exit non-zero"

@@ -11,21 +11,14 @@ import re
 import pytest
 import torch
 
-from conftest import TINY_MODEL, read_log, run_script
+from conftest import read_log, run_main, run_script, tiny_hparams, tiny_run_env
 
 import train_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HP_TYPES = {name: typ for name, typ, _ in train_gpt.HPARAMS}
 ATTN = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight")
 MLP = ("mlp.fc.weight", "mlp.proj.weight")
-
-
-def tiny_hparams(**extra) -> train_gpt.Hyperparameters:
-    kw = {k.lower(): (v == "1" if HP_TYPES[k.lower()] is bool else HP_TYPES[k.lower()](v)) for k, v in TINY_MODEL.items()}
-    kw.update(extra)
-    return train_gpt.Hyperparameters(**kw)
 
 
 def random_state(h, seed: int = 0) -> dict:
@@ -266,22 +259,28 @@ def test_muon_takes_the_configured_schedule():
 QUANTIZED = re.compile(r"^quantized val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8}) eval_time:\d+ms$", re.M)
 
 
-def test_eval_only_reproduces_every_new_format(tiny_data, tmp_path):
-    import conftest
+@pytest.fixture(scope="module")
+def new_formats_run(tiny_data, tmp_path_factory) -> dict:
+    """One short run with every new format switched on (7-bit embedding, LQER, the family
+    compressor, the polar Newton-Schulz schedule); also the run whose projection is checked below."""
+    cwd = tmp_path_factory.mktemp("new_formats")
+    env = tiny_run_env(tiny_data, cwd, ITERATIONS="4", WARMUP_STEPS="1", VAL_LOSS_EVERY="0",
+                       SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0",
+                       EMBED_BITS="7", ATTN_CLIP_SIGMAS="10", MLP_CLIP_SIGMAS="11.5", EMBED_CLIP_SIGMAS="14",
+                       LQER_TOP_K="2", LQER_RANK="2", LQER_GROUP="16", COMPRESSOR="family", MUON_NS_COEFFS="polar")
+    run_script(env, cwd)
+    return {"cwd": cwd, "env": env, "log": read_log(cwd, env["RUN_ID"])}
 
-    env = dict(conftest.tiny_env.__wrapped__(tiny_data, tmp_path), ITERATIONS="4", WARMUP_STEPS="1",
-               VAL_LOSS_EVERY="0", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", OMP_NUM_THREADS="1",
-               EMBED_BITS="7", ATTN_CLIP_SIGMAS="10", MLP_CLIP_SIGMAS="11.5", EMBED_CLIP_SIGMAS="14",
-               LQER_TOP_K="2", LQER_RANK="2", LQER_GROUP="16", COMPRESSOR="family", MUON_NS_COEFFS="polar")
-    run_script(env, tmp_path)
-    log = read_log(tmp_path, env["RUN_ID"])
-    artifact = tmp_path / "final_model.int6.ptz"
+
+def test_eval_only_reproduces_every_new_format(new_formats_run, tmp_path, monkeypatch, one_thread):
+    env, log = new_formats_run["env"], new_formats_run["log"]
+    artifact = new_formats_run["cwd"] / "final_model.int6.ptz"
     assert artifact.read_bytes()[:4] == b"QFAM"
     assert re.search(r"^lqer:corrected 2 tensors \(.+\) raw_bytes:\d+$", log, re.M), log[-2000:]
     assert re.search(r"^quant_category:gptq \(int7\) tensors:1 ", log, re.M)
     assert int(re.search(r"^Serialized model quantized\+family: (\d+) bytes$", log, re.M).group(1)) == artifact.stat().st_size
-    env2 = dict(env, RUN_ID="again", EVAL_ONLY="1")
-    run_script(env2, tmp_path)
+    # re-read in this process (one thread, as the run): the same score to the last printed digit
+    assert run_main(dict(env, RUN_ID="again", EVAL_ONLY="1"), monkeypatch, tmp_path) == 0
     assert QUANTIZED.findall(read_log(tmp_path, "again")) == QUANTIZED.findall(log)
 
 
@@ -322,15 +321,10 @@ def test_projection_follows_the_switches():
     assert lqer["lqer"] == a(8192) + b(512) + a(2048) + b(512) + a(512) + b(2048)
 
 
-def test_run_logs_the_projection_before_training(tiny_data, tmp_path):
-    import conftest
-
-    env = dict(conftest.tiny_env.__wrapped__(tiny_data, tmp_path), ITERATIONS="1", WARMUP_STEPS="0", VAL_LOSS_EVERY="0",
-               SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", OMP_NUM_THREADS="1", EMBED_BITS="7")
-    run_script(env, tmp_path)
-    log = read_log(tmp_path, env["RUN_ID"])
+def test_run_logs_the_projection_before_training(new_formats_run):
+    log = new_formats_run["log"]
     m = re.search(r"^projected_artifact_bytes:(\d+) \(model (\d+) \+ code (\d+); limit 16000000\) (.*)$", log, re.M)
     assert m, log[:3000]
-    assert log.index("projected_artifact_bytes:") < log.index("1/1 train_loss")
+    assert log.index("projected_artifact_bytes:") < log.index("1/4 train_loss")
     assert "[gptq (int7)]:" in m.group(4)
     assert int(m.group(1)) == int(m.group(2)) + int(m.group(3))

@@ -13,7 +13,7 @@ import brotli
 import pytest
 import torch
 
-from conftest import TINY_MODEL, read_log, run_script
+from conftest import TINY_MODEL, read_log, run_main, tiny_hparams
 
 import train_gpt
 
@@ -23,16 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # (384 x 192) and mlp.fc/proj (384 x 192) have > 65,536 values, so they are GPTQ; the attention
 # matrices (<= 36,864 values) are fp16 passthrough, as the record stores them in small configs;
 # bigram.embed (4096 x 32) is the record's int6 per-row table.
-CONFIG = dict(TINY_MODEL, MODEL_DIM="192", BIGRAM_VOCAB_SIZE="4096", BIGRAM_DIM="32")
+WIDE = dict(model_dim=192, bigram_vocab_size=4096, bigram_dim=32)
+CONFIG = dict(TINY_MODEL, **{k.upper(): str(v) for k, v in WIDE.items()})  # the same, as a run's variables
 CONTROL = ("attn_scale", "mlp_scale", "resid_mix", "skip_gates", "skip_weights")
 SMALL_MATRIX = ("bigram.proj.weight", "attn_gate_proj.weight", "smear_gate.weight")
 
 
 def hparams(**extra) -> train_gpt.Hyperparameters:
-    types = {name: typ for name, typ, _ in train_gpt.HPARAMS}
-    kw = {k.lower(): (v == "1" if types[k.lower()] is bool else types[k.lower()](v)) for k, v in CONFIG.items()}
-    kw.update(extra)
-    return train_gpt.Hyperparameters(**kw)
+    return tiny_hparams(**{**WIDE, **extra})
 
 
 def record_write(state: dict, g: torch.Generator) -> tuple[dict, dict, dict]:
@@ -118,7 +116,7 @@ def test_record_blob_covers_every_label_and_the_size_rule():
     assert m["blocks.0.mlp.fc.weight"] == "gptq (int6)"
 
 
-def test_eval_only_reads_the_records_blob(tiny_data, tmp_path):
+def test_eval_only_reads_the_records_blob(tiny_data, tmp_path, monkeypatch):
     """EVAL_ONLY=1 on a blob in the record's layout gives exactly the score of the weights it
     stands for, evaluated here in-process."""
     h = hparams(data_dir=tiny_data["data_dir"], eval_seq_len=128)
@@ -135,8 +133,8 @@ def test_eval_only_reads_the_records_blob(tiny_data, tmp_path):
     loss, bpb, _ = train_gpt.evaluate_plain(h, rt, model, val, luts)
 
     env = dict(CONFIG, DATA_DIR=tiny_data["data_dir"], RUN_ID="record_blob", EVAL_ONLY="1", EVAL_SEQ_LEN="128",
-               QUANTIZED_MODEL_PATH=str(path), SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", OMP_NUM_THREADS="1")
-    run_script(env, tmp_path)
+               QUANTIZED_MODEL_PATH=str(path), SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0")
+    assert run_main(env, monkeypatch, tmp_path) == 0  # in this process and thread count, as the reference
     (loss1, bpb1), = re.findall(r"^quantized val_loss:(\S+) val_bpb:(\S+) eval_time", read_log(tmp_path, "record_blob"), re.M)
     assert abs(float(loss1) - loss) <= 1e-6 and abs(float(bpb1) - bpb) <= 1e-6, (loss1, bpb1, loss, bpb)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, read_log, run_script
+from conftest import ROOT, read_log, use_run_env
 
 import bench
 import train_gpt
@@ -50,12 +50,8 @@ def test_bench_name_accepts_plain_names():
 
 
 def tiny_main_env(tiny_env: dict, monkeypatch, tmp_path: Path, **changes) -> None:
-    """train_gpt.main() in this process (no interpreter start-up) with the tiny run's settings."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in {**tiny_env, "ITERATIONS": "3", "VAL_LOSS_EVERY": "0", "WARMUP_STEPS": "0", **changes}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.chdir(tmp_path)
+    """The environment of a short tiny run, for train_gpt.main() in this process."""
+    use_run_env({**tiny_env, "ITERATIONS": "3", "VAL_LOSS_EVERY": "0", "WARMUP_STEPS": "0", **changes}, monkeypatch, tmp_path)
 
 
 def copy_data(tiny_data: dict, dest: Path) -> Path:
@@ -354,20 +350,25 @@ except RuntimeError as e:
 """
 
 
-def test_stopped_peer_fails_the_run_after_dist_timeout_seconds(tmp_path):
+def start_two_ranks(source: str, path: Path, *args: str, **env: str) -> list[subprocess.Popen]:
+    """Write `source` to `path` and start it as ranks 0 and 1 of a gloo job on a free local port
+    (without torchrun, so that a test controls each rank), stdout and stderr together."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = tmp_path / "peer.py"
-    script.write_text(STOPPED_PEER)
+    path.write_text(source)
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(tmp_path / "ready")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=str(port), DIST_TIMEOUT_SECONDS="10", OMP_NUM_THREADS="1"))
-             for r in range(2)]
+    return [subprocess.Popen([sys.executable, str(path), str(ROOT), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env=dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", **env))
+            for r in range(2)]
+
+
+def test_stopped_peer_fails_the_run_after_dist_timeout_seconds(tmp_path):
+    procs = start_two_ranks(STOPPED_PEER, tmp_path / "peer.py", str(tmp_path / "ready"), DIST_TIMEOUT_SECONDS="10")
     try:
         out, _ = procs[0].communicate(timeout=120)  # without a timeout it waits forever
     finally:
@@ -569,19 +570,7 @@ def test_distributed_run_ends_without_gloo_threads_meeting_finalization(tmp_path
     """The cause of the intermittent rank SIGABRT at the end of two-rank runs: DDP keeps the process
     group referenced, so gloo's threads outlive destroy_process_group() into interpreter
     finalization, where one needing the GIL aborts the process."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "teardown.py"
-    script.write_text(TEARDOWN)
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(tmp_path / "threads")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
-             for r in range(2)]
+    procs = start_two_ranks(TEARDOWN, tmp_path / "teardown.py", str(tmp_path / "threads"))
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     for r in range(2):
