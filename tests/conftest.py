@@ -123,9 +123,7 @@ def tiny_hparams(**overrides):
     overrides; the one place tests turn the tiny settings into a Hyperparameters."""
     import train_gpt
 
-    types = {name: typ for name, typ, _ in train_gpt.HPARAMS}
-    kw = {k.lower(): (v == "1" if types[k.lower()] is bool else types[k.lower()](v)) for k, v in TINY_MODEL.items()}
-    return train_gpt.Hyperparameters(**{**kw, **overrides})
+    return train_gpt.Hyperparameters.from_env(TINY_MODEL, **overrides)
 
 
 def tiny_run_env(tiny_data: dict, out: Path, **changes: str) -> dict:
