@@ -79,6 +79,14 @@ def read_preset(path: Path) -> dict[str, str]:
     return env
 
 
+def write_record(path: Path, text: str) -> None:
+    """Benchmark records are committed files: replace one whole or not at all, through
+    train_gpt's one atomic writer (an interrupted benchmark leaves the previous record)."""
+    import train_gpt as tg
+
+    tg.atomic_write(str(path), text.encode("utf-8"))
+
+
 def git_state() -> dict:
     """{"git_commit": HEAD or None, "git_dirty": whether tracked files differ from it}: a record
     says plainly when what ran was not exactly the commit."""
@@ -482,8 +490,8 @@ def run_gpu_check(args) -> int:
               + (f" --rows {args.rows}" if args.rows != 48 else ""),
               **git_state(), "versions": versions, "figures": figures, "passed": ok,
               "checks": [{"check": n, "passed": o, "detail": d} for n, o, d in checks]}
-    (out_dir / f"{name}.txt").write_text("\n".join(lines) + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_record(out_dir / f"{name}.txt", "\n".join(lines) + "\n")
+    write_record(out_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out_dir}/{name}.txt and .json")
     return 0 if ok else 1
 
@@ -516,10 +524,10 @@ def run_benchmark(args) -> int:
         raise SystemExit(f"train_gpt.py exited {proc.returncode}; log: {log_path}")
     out_dir = ROOT / args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(log_path, out_dir / f"{args.name}.txt")
+    write_record(out_dir / f"{args.name}.txt", Path(log_path).read_text(encoding="utf-8"))
     log = logformat.parse_log(log_path)
     result = benchmark_record(args, env, log, wall)
-    (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_record(out_dir / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("steps", "step_time_ms", "tokens_per_second", "peak_memory_mib",
                                               "model_bytes", "wall_seconds")}))
     for stage, v in log["stages"].items():
@@ -758,7 +766,7 @@ def run_kernels(args) -> int:
     }
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_record(out, json.dumps(result, indent=2) + "\n")
     for r in result["isolation"]:
         print(f"{r['part']:14s} compiled={int(r['compiled'])} {r['ms']:8.3f} ms  peak +{r['peak_extra_bytes'] / 2**20:8.1f} MiB")
     for r in result["full_config"]:
@@ -879,8 +887,8 @@ def run_quant(args) -> int:
                + "".join(f" --full {v}" for v in args.full) + (" --reuse-run-quantized" if args.reuse_run_quantized else ""))
     result = {"name": args.name, "command": command, **git_state(), "hardware": lines[1],
               "post_ema_bpb": post_ema, "training_run_quantized_bpb": stage.get("quantized"), "rows": rows}
-    (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / f"{args.name}.txt").write_text(command + "\n" + "\n".join(lines) + "\n")
+    write_record(out_dir / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
+    write_record(out_dir / f"{args.name}.txt", command + "\n" + "\n".join(lines) + "\n")
     return 0
 
 

@@ -523,3 +523,22 @@ def test_bench_record_names_no_machine_folder_and_says_when_dirty(tmp_path, monk
                                   "QUANTIZED_MODEL_PATH": "build/bench/x/final_model.int6.ptz"}
     assert result["git_commit"] == "0" * 40 and result["git_dirty"] is True
     assert result["stages"] == log["stages"] and result["tokens_per_second"] == 7912345
+
+
+def test_bench_record_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A benchmark interrupted while writing (here: a full disk at the rename) keeps the committed
+    record it would have replaced, names the file, and leaves no temporary file beside it."""
+    import bench
+    import train_gpt
+
+    path = tmp_path / "cpu_small_seed1.json"
+    path.write_text("the committed record\n")
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_gpt.os, "replace", full_disk)
+    with pytest.raises(OSError, match="cpu_small_seed1.json"):
+        bench.write_record(path, "a new record\n")
+    assert path.read_text() == "the committed record\n"
+    assert sorted(tmp_path.iterdir()) == [path]
