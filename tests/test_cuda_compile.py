@@ -33,8 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def graphs(monkeypatch):
     """Every graph Dynamo hands the backend (its node count); Dynamo's caches cleared around."""
-    for name, _, _ in tg.HPARAMS:
-        monkeypatch.delenv(name.upper(), raising=False)
     seen: list[int] = []
 
     def backend(gm, example_inputs):

@@ -36,9 +36,7 @@ SETTINGS = dict(
 @pytest.fixture(scope="module")
 def dist_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda_dist")
-    hparams = {n.upper() for n, _, _ in tg.HPARAMS}
-    env = {k: v for k, v in os.environ.items() if k not in hparams and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(SETTINGS, DATA_DIR=tiny_data["data_dir"], OMP_NUM_THREADS="1")
+    env = dict(os.environ, **SETTINGS, DATA_DIR=tiny_data["data_dir"], OMP_NUM_THREADS="1")  # clean: conftest's clean_env
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(TESTS / "cuda_dist_worker.py"), str(out)]
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=240)
@@ -78,8 +76,6 @@ def test_artifact_is_quantized_from_rank0_hessians_alone(dist_run, monkeypatch):
     assert ranks[1]["calibration_forwards"] == {"rank0": 0, "all_ranks": batches}
 
     # This process is one rank: half the batch gives the micro-batch each of the two ranks had.
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
     for k, v in dict(SETTINGS, TRAIN_BATCH_TOKENS=str(int(SETTINGS["TRAIN_BATCH_TOKENS"]) // 2),
                      DATA_DIR=dist_run["data_dir"]).items():
         monkeypatch.setenv(k, v)

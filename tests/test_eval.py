@@ -37,7 +37,7 @@ ROOT = TESTS.parent
 
 import train_gpt  # noqa: E402
 
-from conftest import PROCESS_VARS, TINY_VOCAB as V, tiny_hparams
+from conftest import TINY_VOCAB as V, tiny_hparams
 
 # conftest's tiny model, which has every component of the record: bigram branch, SmearGate, gated
 # XSA attention, depth recurrence (layers 1..2 twice), U-Net skips and parallel blocks.
@@ -735,9 +735,7 @@ DIST_H = dict(ttt_lr=0.05, ttt_grad_clip=1e6)
 
 
 def test_distributed_matches_single_process(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in PROCESS_VARS and k not in {n.upper() for n, _, _ in train_gpt.HPARAMS}}
-    env["OMP_NUM_THREADS"] = "1"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # no setting or process variable: conftest's clean_env
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(TESTS / "dist_eval_worker.py"), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
