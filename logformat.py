@@ -1,6 +1,7 @@
 """The training log's format, in one place: the line patterns train_gpt.py writes (SPEC §7),
-`scan_log` (what a log states), `parse_log` (a finished run's log, checked) and the 16,000,000-byte
-budget. pack.py, record.py, bench.py and the tests read logs through this module.
+`scan_log` (what a log states), `lines_of` (every line of one kind), `parse_log` (a finished
+run's log, checked) and the 16,000,000-byte budget. pack.py, record.py, bench.py and the tests
+read logs through this module.
 
 SIZE_LIMIT_BYTES lives in train_gpt.py, the file the budget is about (it checks itself against
 it and must stay one self-contained file); it is imported from there, which imports torch.
