@@ -1,6 +1,7 @@
 """The training log's format, in one place: the line patterns train_gpt.py writes (SPEC §7),
-`scan_log` (what a log states), `parse_log` (a finished run's log, checked) and the 16,000,000-byte
-budget. pack.py, record.py, bench.py and the tests read logs through this module.
+`scan_log` (what a log states), `lines_of` (every line of one kind), `parse_log` (a finished
+run's log, checked) and the 16,000,000-byte budget. pack.py, record.py, bench.py and the tests
+read logs through this module.
 
 SIZE_LIMIT_BYTES lives in train_gpt.py, the file the budget is about (it checks itself against
 it and must stay one self-contained file); it is imported from there, which imports torch.
@@ -48,6 +49,8 @@ LINE_RES = {
     "calibration": re.compile(r"gptq:collected \d+ hessians from \d+ training batches in (" + NUM + r")ms"),
     "train_plus_calibration": re.compile(r"train_plus_calibration_time:(" + NUM + r")ms"),
     "train_loss": re.compile(r"(\d+)/(\d+) train_loss: (" + NUM + r") train_time: \S+ tok/s: (" + NUM + r")"),
+    "val": re.compile(r"(\d+)/(\d+) val_loss: (" + NUM + r") val_bpb: (" + NUM + r")\s*$"),
+    "weights_checksum": re.compile(r"weights_checksum:([0-9a-f]+) ranks:([0-9a-f,]+) ranks_agree:([01])\s*$"),
     "peak_memory": re.compile(r"peak_memory_allocated:(\d+) MiB"),
 }
 
@@ -100,8 +103,17 @@ def scan_log(text: str, path: str | Path = "<log>") -> dict:
                 log["tokens_per_second"] = _num(g[3])
             elif key == "peak_memory":
                 log["peak_memory_mib"] = int(g[0])
+            elif key == "weights_checksum":
+                log["weights_checksum"], log["rank_checksums"], log["ranks_agree"] = g[0], g[1].split(","), g[2] == "1"
             break
     return log
+
+
+def lines_of(text: str, kind: str) -> list[re.Match]:
+    """Every line of one kind (a LINE_RES key), in order, as its match: the series a log states
+    (per-step losses, one line per stage) where scan_log keeps only the last value."""
+    rx = LINE_RES[kind]
+    return [m for m in (rx.match(line.strip()) for line in text.splitlines()) if m]
 
 
 def parse_log(path: str | Path) -> dict:

@@ -711,6 +711,10 @@ def test_run_evaluations_scores_the_dequantized_model_with_looping(tmp_path):
         if m:
             logged[m.group(1)] = (float(m.group(2)), float(m.group(3)))
     assert tuple(logged) == labels
+    import logformat  # the tools read these exact lines through logformat: it must read the same figures
+
+    stated = logformat.scan_log("\n".join(lines))["stages"]
+    assert {label: (v["val_loss"], v["val_bpb"]) for label, v in stated.items()} == logged
     for label, fn in zip(labels, (train_gpt.evaluate_plain, train_gpt.evaluate_sliding, train_gpt.evaluate_ttt)):
         model = train_gpt.load_quantized_model(h, rt, h.quantized_model_path)
         assert model.looping_active

@@ -507,6 +507,36 @@ def test_parse_log_reads_a_real_log_as_bench_recorded_it(name):
     assert log["total_bytes"] == log["model_bytes"] + log["code_bytes"] <= logformat.SIZE_LIMIT_BYTES
 
 
+def test_logformat_reads_the_lines_train_gpt_writes():
+    """The size and checksum lines as train_gpt's own writers print them, in their exact text, read
+    back by logformat: a format change on either side fails here."""
+    import train_gpt
+    from conftest import tiny_hparams
+
+    lines = []
+    assert train_gpt.log_artifact_size(lines.append, "brotli", 15_973_106, 26_894) == 16_000_000
+    assert lines == ["Serialized model quantized+brotli: 15973106 bytes",
+                     "Total submission size quantized+brotli: 16000000 bytes"]
+    h = tiny_hparams()
+    train_gpt.log_weights_checksum(train_gpt.GPT(h), train_gpt.Runtime(h, environ={}), lines.append)
+    checksum = re.fullmatch(r"weights_checksum:([0-9a-f]{14}) ranks:\1 ranks_agree:1", lines[-1])
+    assert checksum, lines[-1]
+    stated = logformat.scan_log("\n".join(lines))
+    assert (stated["compressor"], stated["model_bytes"], stated["total_bytes"]) == ("brotli", 15_973_106, 16_000_000)
+    assert (stated["weights_checksum"], stated["rank_checksums"], stated["ranks_agree"]) == \
+        (checksum.group(1), [checksum.group(1)], True)
+    assert logformat.scan_log("weights_checksum:0a ranks:0a,0b ranks_agree:0")["ranks_agree"] is False
+
+
+def test_lines_of_gives_every_line_of_a_kind_in_order(tmp_path):
+    text = make_log(tmp_path / "run.txt", 1, b"code", 2.8).read_text()
+    assert [m.group(1, 3, 4) for m in logformat.lines_of(text, "val")] == [("0", "9.0109", "3.4737"),
+                                                                          ("4000", "2.9000", "1.1200")]
+    assert [m.group(1, 2, 3) for m in logformat.lines_of(text, "train_loss")] == [("500", "20000", "3.1234")]
+    assert [m.group(1) for m in logformat.lines_of(text, "stage")] == list(logformat.STAGES)
+    assert logformat.lines_of(text, "weights_checksum") == []
+
+
 def test_bench_record_names_no_machine_folder_and_says_when_dirty(tmp_path, monkeypatch):
     import argparse
 

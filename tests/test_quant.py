@@ -20,6 +20,7 @@ import torch
 
 from conftest import ROOT, TINY_MODEL, read_log, run_main, tiny_hparams
 
+import logformat
 import train_gpt
 
 # The record's categories, by the implementation's labels.
@@ -430,13 +431,14 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
 # End to end: a tiny CPU run writes the artifact, EVAL_ONLY re-reads it
 # -----------------------------------------------------------------------------
 
-QUANTIZED_LINE = re.compile(r"^quantized val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8}) eval_time:\d+ms$", re.M)
-
-
-def logged_int(log: str, pattern: str) -> int:
-    found = re.findall(pattern, log, re.M)
-    assert len(found) == 1, f"expected one line matching {pattern!r}, found {found}"
-    return int(found[0])
+def stated_once(log: str) -> dict:
+    """What the log states (logformat.scan_log), checked to hold each size line and the quantized
+    result exactly once."""
+    stated = logformat.scan_log(log)
+    once = {kind: stated["counts"].get(kind, 0) for kind in ("code_bytes", "serialized", "total")}
+    once["quantized"] = [m.group(1) for m in logformat.lines_of(log, "stage")].count("quantized")
+    assert set(once.values()) == {1}, f"expected each line once, found {once}"
+    return stated
 
 
 @pytest.fixture
@@ -448,15 +450,12 @@ def trained(quick_run):
 def test_run_writes_artifact_and_logs_its_size(trained):
     log, artifact = trained["log"], trained["artifact"]
     assert artifact.is_file() and (trained["cwd"] / "final_model.pt").is_file()
-    code_bytes = logged_int(log, r"^code_bytes:(\d+)$")
-    assert code_bytes == (ROOT / "train_gpt.py").stat().st_size
-    n = logged_int(log, r"^Serialized model quantized\+lzma: (\d+) bytes$")
-    assert n == artifact.stat().st_size
+    stated = stated_once(log)
+    assert stated["code_bytes"] == (ROOT / "train_gpt.py").stat().st_size
+    assert stated["compressor"] == "lzma" and stated["model_bytes"] == artifact.stat().st_size
     assert artifact.read_bytes()[:6] == b"\xfd7zXZ\x00"
-    total = logged_int(log, r"^Total submission size quantized\+lzma: (\d+) bytes$")
-    assert total == n + code_bytes
+    assert stated["total_bytes"] == stated["model_bytes"] + stated["code_bytes"]
     assert "OVER BUDGET" not in log
-    assert len(QUANTIZED_LINE.findall(log)) == 1
     # the category table, counted here from SPEC's table on the tiny model
     with torch.device("meta"):
         state = train_gpt.GPT(tiny_hparams()).state_dict()
@@ -506,15 +505,14 @@ def test_eval_only_reproduces_the_score_then_enforces_the_budget(trained, tmp_pa
     env = dict(trained["env"], RUN_ID="tiny_eval_only", EVAL_ONLY="1", SIZE_LIMIT_BYTES="1000")
     status = run_main(env, monkeypatch, tmp_path)  # in this process, one thread as the training run
     log = read_log(tmp_path, "tiny_eval_only")
-    assert QUANTIZED_LINE.search(log), "the eval-only run did not evaluate"
-    n = logged_int(log, r"^Serialized model quantized\+lzma: (\d+) bytes$")
-    assert n == trained["artifact"].stat().st_size
-    (loss0, bpb0), = QUANTIZED_LINE.findall(trained["log"])
-    (loss1, bpb1), = QUANTIZED_LINE.findall(log)
-    assert abs(float(loss1) - float(loss0)) <= 1e-6 and abs(float(bpb1) - float(bpb0)) <= 1e-6, \
-        f"eval-only {loss1}/{bpb1} vs training run {loss0}/{bpb0}"
+    stated = stated_once(log)  # the eval-only run evaluated once
+    n = stated["model_bytes"]
+    assert stated["compressor"] == "lzma" and n == trained["artifact"].stat().st_size
+    q0, q1 = stated_once(trained["log"])["stages"]["quantized"], stated["stages"]["quantized"]
+    assert abs(q1["val_loss"] - q0["val_loss"]) <= 1e-6 and abs(q1["val_bpb"] - q0["val_bpb"]) <= 1e-6, \
+        f"eval-only {q1} vs training run {q0}"
     assert not list(tmp_path.glob("*.pt")), "EVAL_ONLY must not train or save a model"
-    total = logged_int(log, r"^Total submission size quantized\+lzma: (\d+) bytes$")
+    total = stated["total_bytes"]
     assert total == n + (ROOT / "train_gpt.py").stat().st_size
-    assert logged_int(log, r"^OVER BUDGET by (\d+) bytes") == total - 1000
+    assert stated["counts"]["over_budget"] == 1 and stated["over_budget_bytes"] == total - 1000
     assert status != 0, "an over-budget run must exit non-zero"

@@ -15,6 +15,7 @@ import torch
 
 from conftest import TINY_MODEL, read_log, run_main, tiny_hparams
 
+import logformat
 import train_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,7 +136,8 @@ def test_eval_only_reads_the_records_blob(tiny_data, tmp_path, monkeypatch):
     env = dict(CONFIG, DATA_DIR=tiny_data["data_dir"], RUN_ID="record_blob", EVAL_ONLY="1", EVAL_SEQ_LEN="128",
                QUANTIZED_MODEL_PATH=str(path), SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0")
     assert run_main(env, monkeypatch, tmp_path) == 0  # in this process and thread count, as the reference
-    (loss1, bpb1), = re.findall(r"^quantized val_loss:(\S+) val_bpb:(\S+) eval_time", read_log(tmp_path, "record_blob"), re.M)
+    stages = logformat.lines_of(read_log(tmp_path, "record_blob"), "stage")
+    (loss1, bpb1), = (m.group(2, 3) for m in stages if m.group(1) == "quantized")
     assert abs(float(loss1) - loss) <= 1e-6 and abs(float(bpb1) - bpb) <= 1e-6, (loss1, bpb1, loss, bpb)
 
 

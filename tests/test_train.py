@@ -5,6 +5,7 @@ call main() in this process, which saves the interpreter and import start-up of 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 import sys
@@ -15,21 +16,22 @@ import torch
 
 from conftest import ROOT, TINY_MODEL, read_log, run_main, run_script, tiny_hparams, tiny_run_env
 
+import logformat
 import train_gpt
-
-TRAIN_LINE = re.compile(r"^(\d+)/(\d+) train_loss: ([\d.]+) train_time: [\d.]+m tok/s: \d+$", re.M)
-VAL_LINE = re.compile(r"^(\d+)/(\d+) val_loss: ([\d.]+) val_bpb: ([\d.]+)$", re.M)
-FINAL = r"^{} val_loss:(\d+\.\d{{8}}) val_bpb:(\d+\.\d{{8}}) eval_time:\d+ms$"
 
 
 def train_losses(log: str) -> list[float]:
-    return [float(m.group(3)) for m in TRAIN_LINE.finditer(log)]
+    return [float(m.group(3)) for m in logformat.lines_of(log, "train_loss")]
+
+
+def val_lines(log: str) -> list[tuple[str, ...]]:
+    return [m.groups() for m in logformat.lines_of(log, "val")]
 
 
 def final(log: str, label: str) -> tuple[float, float]:
-    m = re.search(FINAL.format(re.escape(label)), log, re.M)
-    assert m, f"no '{label}' line in log"
-    return float(m.group(1)), float(m.group(2))
+    stage = logformat.scan_log(log)["stages"].get(logformat.STAGES[label])
+    assert stage, f"no '{label}' line in log"
+    return stage["val_loss"], stage["val_bpb"]
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +47,21 @@ def test_tiny_run_learns_and_logs_every_line(full_run):
     log = full_run["log"]
     losses = train_losses(log)
     assert len(losses) == 12
+    for m in logformat.lines_of(log, "train_loss"):  # each step line's exact text, read back by logformat
+        step, iterations, loss, tokens_per_second = m.groups()
+        minutes = m.string.split()[4]
+        assert m.string == f"{step}/{iterations} train_loss: {float(loss):.4f} train_time: {float(minutes[:-1]):.1f}m " \
+                           f"tok/s: {int(tokens_per_second)}", m.string
     assert losses[-1] < losses[0] - 1.0, losses
     assert f"model_params:{sum(p.numel() for p in train_gpt.GPT(tiny_hparams()).parameters())}" in log
-    assert len(VAL_LINE.findall(log)) == 3  # steps 0, 6 and 12
+    assert len(val_lines(log)) == 3  # steps 0, 6 and 12
     scores = {label: final(log, label) for label in
               ("pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt")}
+    # the result lines' exact text, 8 decimals, as train_gpt writes them and logformat reads them
+    stated = logformat.scan_log(log)
+    for label, (loss, bpb) in scores.items():
+        ms = stated["stages"][logformat.STAGES[label]]["eval_time_ms"]
+        assert f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms" in log.splitlines(), label
     # Every evaluation scores the same validation tokens against the same bytes: bpb / loss is one
     # constant (tokens per byte / ln 2), to the 8 printed decimals, for each of them.
     ratio = scores["quantized"][1] / scores["quantized"][0]
@@ -58,9 +70,9 @@ def test_tiny_run_learns_and_logs_every_line(full_run):
     assert scores["quantized"][0] == pytest.approx(scores["pre-quantization post-ema"][0], abs=0.01)
     assert scores["quantized_sliding_window"][0] == pytest.approx(scores["quantized"][0], abs=0.01)
     assert scores["quantized_ttt"][0] < scores["quantized_sliding_window"][0]  # TTT adapts on scored chunks
-    assert re.search(r"^Serialized model quantized\+lzma: \d+ bytes$", log, re.M)
-    assert re.search(r"^Total submission size quantized\+lzma: \d+ bytes$", log, re.M)
-    assert re.search(r"^code_sha256:[0-9a-f]{64}$", log, re.M)
+    assert f"Serialized model quantized+lzma: {stated['model_bytes']} bytes" in log.splitlines()
+    assert f"Total submission size quantized+lzma: {stated['total_bytes']} bytes" in log.splitlines()
+    assert stated["code_sha256"] == hashlib.sha256(Path(train_gpt.__file__).read_bytes()).hexdigest()
     assert "hparam:ITERATIONS=12" in log
     assert (full_run["cwd"] / "final_model.pt").is_file()
     assert Path(full_run["env"]["QUANTIZED_MODEL_PATH"]).is_file()
@@ -75,9 +87,9 @@ def test_same_seed_gives_identical_losses(quick_run, tmp_path):
     env = dict(quick_run["env"], RUN_ID="again", QUANTIZED_MODEL_PATH=str(tmp_path / "again.ptz"))
     run_script(env, tmp_path)
     log = read_log(tmp_path, "again")
-    assert len(train_losses(log)) == 4 and len(VAL_LINE.findall(log)) == 3  # steps 0, 2 and 4
+    assert len(train_losses(log)) == 4 and len(val_lines(log)) == 3  # steps 0, 2 and 4
     assert train_losses(log) == train_losses(quick_run["log"])
-    assert VAL_LINE.findall(log) == VAL_LINE.findall(quick_run["log"])
+    assert val_lines(log) == val_lines(quick_run["log"])
     assert final(log, "pre-quantization post-ema") == final(quick_run["log"], "pre-quantization post-ema")
     assert final(log, "quantized") == final(quick_run["log"], "quantized")
 
@@ -126,9 +138,9 @@ def test_torchrun_two_ranks_agree(full_run, tmp_path):
     run_script(env, tmp_path, nproc=2)
     log = read_log(tmp_path, "ddp")
     assert "world_size:2" in log
-    m = re.search(r"^weights_checksum:([0-9a-f]+) ranks:([0-9a-f,]+) ranks_agree:1$", log, re.M)
-    assert m, "ranks disagree or no checksum line"
-    assert m.group(2) == f"{m.group(1)},{m.group(1)}"
+    stated = logformat.scan_log(log)
+    assert stated.get("ranks_agree"), "ranks disagree or no checksum line"
+    assert stated["rank_checksums"] == [stated["weights_checksum"]] * 2
     assert len(train_losses(log)) == 4
     final(log, "quantized")
 
