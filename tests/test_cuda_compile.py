@@ -16,6 +16,7 @@ import torch
 
 import bench
 import train_gpt as tg
+from conftest import need_triton
 
 V = 384
 # Two layers (looped order 0, 0, 0, 1) keep tracing short; every block feature is there.
@@ -61,6 +62,8 @@ class RandomLoader:
 
 @pytest.mark.parametrize("kernels", [{}, dict(fused_ce=True, fused_mlp=True)], ids=["math", "kernels"])
 def test_whole_run_compiles_four_graphs_without_breaks(graphs, kernels):
+    if kernels:
+        need_triton()
     h = tg.Hyperparameters(**TINY, **kernels)
     rt = tg.Runtime(h, environ={})  # one CPU process, compiling, with CPU bf16 autocast standing in for CUDA's
     rt.compile, rt.autocast = True, lambda: torch.autocast("cpu", dtype=torch.bfloat16)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import bench
 import train_gpt as tg
 
-from conftest import TINY_VOCAB as V, tiny_hparams
+from conftest import TINY_VOCAB as V, need_triton, tiny_hparams
 
 # conftest's tiny model with short sequences and small batches: every path below runs in milliseconds.
 SHORT = dict(train_seq_len=32, train_batch_tokens=128, grad_accum_steps=1, eval_seq_len=32, eval_stride=16,
@@ -110,6 +110,8 @@ def cuda_dtype_run(request):
     """Training micro-batch forward + backward and evaluation forward, looping off and on, of the
     model as built for CUDA, under emulated CUDA autocast; with the FA3 stand-in and with SDPA;
     with the record's math and with the Triton kernels (FUSED_CE, FUSED_MLP) switched on."""
+    if request.param == "kernels":
+        need_triton()
     results = {}
     for attention in ("fa3", "sdpa"):
         h = make_h(**KERNEL_SWITCHES[request.param])

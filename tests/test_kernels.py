@@ -20,14 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import need_triton
 
-try:
-    import triton  # noqa: F401
-except ImportError:
-    if os.environ.get("CI"):
-        raise  # CI installs requirements.txt: a missing Triton there is a broken install, not a skip
-    pytest.skip("Triton is not installed (pip install -r requirements.txt): kernel tests skipped",
-                allow_module_level=True)
+need_triton(module=True)
 
 SOFTCAP = 30.0
 TINY = dict(vocab_size=384, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8,
