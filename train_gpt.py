@@ -568,6 +568,10 @@ class ShuffledSequenceLoader:
 #   traces it as one opaque node. Triton is imported only when a switch is on. On CPU, Triton's
 #   interpreter (TRITON_INTERPRET=1, set before the first kernel is built) runs the same kernels on
 #   CPU tensors: that is how the tests prove them exact without a GPU.
+#   Every target must lie in [0, vocab): the loss has no ignore_index, and it does not check, since
+#   a check would make each step wait for the device. Nothing here makes such a target: shard ids
+#   are checked against VOCAB_SIZE when a shard is opened, and evaluation pads with target 0 and
+#   masks the padded scores out.
 # -----------------------------------------------------------------------------
 
 # `CE_TILES`, `ACT_BLOCK`: tiles (rows x vocabulary columns for the loss, elements for the activation). On a GPU one row
