@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 import uuid
 from pathlib import Path
 from typing import NamedTuple
@@ -194,8 +195,11 @@ class Hyperparameters:
                 raise ValueError(f"{name.upper()}={getattr(h, name)} must be > 0")
         if h.iterations < 0:
             raise ValueError(f"ITERATIONS={h.iterations} must be >= 0")
-        if h.gptq_reserve_seconds is not None and not 0 <= h.gptq_reserve_seconds < h.max_wallclock_seconds \
-                and h.max_wallclock_seconds > 0:
+        if h.gptq_reserve_seconds is not None and h.gptq_reserve_seconds < 0:
+            raise ValueError(f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds} must be >= 0 (unset: measured in the run)")
+        # The measured reserve (GPTQ_RESERVE_SECONDS unset) is checked against the limit once it is
+        # measured: calibration_reserve_seconds(), before the training clock starts.
+        if h.gptq_reserve_seconds is not None and h.gptq_reserve_seconds >= h.max_wallclock_seconds > 0:
             raise ValueError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no training time after "
                              f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds} (set MAX_WALLCLOCK_SECONDS=0 for no limit)")
         if h.dist_timeout_seconds <= 0:
@@ -2270,5 +2274,26 @@ def main() -> int:
     return rt.close(status)
 
 
+def run_and_exit(fn) -> None:
+    """Exit with fn()'s status. A rank of a distributed run that fails prints its traceback and
+    leaves as Runtime.close() does, without interpreter finalization: there gloo's threads could
+    abort it (status -6) and hide the failure's own status. torchrun then stops the other ranks."""
+    try:
+        status = fn()
+    except BaseException as e:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        traceback.print_exc()
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            limit = os.environ.get("DIST_TIMEOUT_SECONDS", Hyperparameters.dist_timeout_seconds)
+            print(f"rank {dist.get_rank()}: a peer rank did not answer within DIST_TIMEOUT_SECONDS={limit}: it "
+                  "stopped or crashed, or a legitimate wait took longer (then raise DIST_TIMEOUT_SECONDS)",
+                  file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

@@ -111,6 +111,8 @@ BAD_SETTINGS = [
     (dict(EVAL_SEQ_LEN="0"), "EVAL_SEQ_LEN=0"),
     (dict(MAX_WALLCLOCK_SECONDS="12", GPTQ_RESERVE_SECONDS="12"), "MAX_WALLCLOCK_SECONDS=12.0"),
     (dict(MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="12"), "GPTQ_RESERVE_SECONDS=12.0"),
+    (dict(GPTQ_RESERVE_SECONDS="-1"), "GPTQ_RESERVE_SECONDS=-1.0 must be >= 0"),  # was told "no training time"
+    (dict(MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="-1"), "GPTQ_RESERVE_SECONDS=-1.0 must be >= 0 (unset"),
     (dict(TRAIN_BATCH_TOKENS="786433"), "TRAIN_BATCH_TOKENS=786433"),  # silently rounded down before
     (dict(GRAD_ACCUM_STEPS="5"), "GRAD_ACCUM_STEPS=5"),
 ]
@@ -288,6 +290,17 @@ def test_default_schedule_keeps_training_plus_calibration_within_the_limit(tiny_
     assert logformat.scan_log(log)["train_plus_calibration_time_ms"] == 9000
 
 
+def test_measured_reserve_that_fills_the_limit_stops_before_the_clock_starts(tiny_env, tmp_path, monkeypatch,
+                                                                             one_thread):
+    """With GPTQ_RESERVE_SECONDS unset the reserve is known only once measured (one timed batch:
+    0.5 s x 4 batches x 1.25 = 2.5 s here): a limit inside it stops there, named, before step 0."""
+    with pytest.raises(ValueError, match=r"MAX_WALLCLOCK_SECONDS=2\.0 leaves no training time: GPTQ calibration "
+                                         r"\(4 batches\) needs about 2\.5s here"):
+        clocked_run(tiny_env, tmp_path, monkeypatch, "tight", "2")
+    log = read_log(tmp_path, "tight")
+    assert "gptq_reserve:auto" in log and "train_loss" not in log and "train_done" not in log
+
+
 def test_fixed_reserve_of_12_reproduces_the_records_schedule(tiny_env, tmp_path, monkeypatch, one_thread):
     log, calibrations = clocked_run(tiny_env, tmp_path, monkeypatch, "fixed", "20", GPTQ_RESERVE_SECONDS="12")
     assert calibrations == [4] and "gptq_reserve:auto" not in log  # nothing measured, nothing changed
@@ -341,14 +354,14 @@ rt.all_reduce(torch.ones(1))  # both ranks alive and connected
 if rt.rank == 1:
     os.kill(os.getpid(), signal.SIGSTOP)  # a stopped peer: alive, silent
 t0 = time.perf_counter()
-try:
-    rt.all_reduce(torch.ones(1))
-except RuntimeError as e:
-    print(f"rank {rt.rank} failed after {time.perf_counter() - t0:.0f}s: {e}", flush=True)
-    # Leave as Runtime.close does: gloo's threads still hold the broken connection, and
-    # interpreter finalization with them alive can abort ("terminate called without an active
-    # exception", status -6) instead of returning the status asked for.
-    os._exit(7)
+
+def wait_for_the_peer():
+    try:
+        rt.all_reduce(torch.ones(1))
+    finally:
+        print(f"rank {rt.rank} failed after {time.perf_counter() - t0:.0f}s", flush=True)
+
+train_gpt.run_and_exit(wait_for_the_peer)  # as train_gpt.py's __main__ runs main()
 """
 
 
@@ -377,8 +390,9 @@ def test_stopped_peer_fails_the_run_after_dist_timeout_seconds(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
-    assert procs[0].returncode == 7, out
+    assert procs[0].returncode == 1, out
     assert "rank 0 failed after" in out
+    assert "a peer rank did not answer within DIST_TIMEOUT_SECONDS=10" in out, out
 
 
 def test_rank_without_a_shard_is_told_how_to_fix_it(tiny_data):
@@ -466,9 +480,9 @@ def test_second_vocab_size_does_not_overwrite_the_manifest(tiny_data, tmp_path):
     assert prepare_data.main(prep_args(tiny_data, src, out)) == 0
     manifest = (out / "manifest.json").read_text()
     with pytest.raises(SystemExit, match=r"manifest.json already describes the vocab-384 dataset .*--overwrite"):
-        prepare_data.main([str(src), "--vocab-size", "300", "--val-docs", "3", "--out", str(out), "--quiet"])
+        prepare_data.main([str(src), "--vocab-size", "400", "--val-docs", "3", "--out", str(out), "--quiet"])
     assert (out / "manifest.json").read_text() == manifest
-    assert not (out / "datasets" / "fineweb10B_sp300").exists()
+    assert not (out / "datasets" / "fineweb10B_sp400").exists()
 
 
 def test_disk_full_names_the_path(tiny_data, tmp_path, monkeypatch):
@@ -545,7 +559,7 @@ def test_init_state_that_is_not_a_state_dict_is_named(kind, tmp_path):
     assert "weights_only" not in str(exc.value)
 
 
-TEARDOWN = """
+TWO_RANK_DDP = """
 import atexit, os, sys
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
@@ -563,8 +577,16 @@ rt = train_gpt.Runtime(h)
 trainer = train_gpt.Trainer(h, rt, train_gpt.GPT(h))  # wraps the model in DDP
 x = torch.randint(0, h.vocab_size, (2, h.train_seq_len))
 trainer.fwd(x, x).backward()
+"""
+TEARDOWN = TWO_RANK_DDP + """
 del trainer
 sys.exit(rt.close(0))
+"""
+FAILING_RANK = TWO_RANK_DDP + """
+def fail():
+    raise RuntimeError("evaluation crashed on rank " + os.environ["RANK"])
+
+train_gpt.run_and_exit(fail)  # what train_gpt.py's __main__ runs
 """
 
 
@@ -578,3 +600,14 @@ def test_distributed_run_ends_without_gloo_threads_meeting_finalization(tmp_path
     for r in range(2):
         left = tmp_path / f"threads{r}"
         assert not left.exists() or int(left.read_text()) == 1, f"rank {r}: {left.read_text()} threads at finalization"
+
+
+def test_failing_rank_exits_with_its_status_without_finalization(tmp_path):
+    """A rank that raises (after DDP holds the process group) used to leave through interpreter
+    finalization with gloo's threads alive, where it could abort (-6) instead of exiting 1."""
+    procs = start_two_ranks(FAILING_RANK, tmp_path / "failing.py", str(tmp_path / "threads"))
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outs
+    for r in range(2):
+        assert f"RuntimeError: evaluation crashed on rank {r}" in outs[r]
+        assert not (tmp_path / f"threads{r}").exists(), f"rank {r} went through interpreter finalization"
