@@ -23,11 +23,13 @@ import train_gpt as tg
 
 from conftest import TINY_VOCAB as V, need_triton, tiny_hparams
 
-# conftest's tiny model with short sequences and small batches: every path below runs in milliseconds.
-SHORT = dict(train_seq_len=32, train_batch_tokens=128, grad_accum_steps=1, eval_seq_len=32, eval_stride=16,
-             eval_batch_seqs=4, ttt_chunk_tokens=128, ttt_epochs=1, ttt_batch_seqs=4, compile=False,
-             run_id="test_cuda_path", seed=0)
-HEAD_DIM = 64  # FA3's head dimension in the record; the stand-in checks the model's own
+HEAD_DIM = 64  # the record's head dimension (512 / 8), the one its FA3 calls get
+# conftest's tiny model, widened to the record's head dimension and rotary width (4 heads of 64,
+# 2 KV heads as the record's group of 2), with short sequences and small batches: every path
+# below runs in milliseconds.
+SHORT = dict(model_dim=4 * HEAD_DIM, num_heads=4, num_kv_heads=2, rope_dims=16, train_seq_len=32,
+             train_batch_tokens=128, grad_accum_steps=1, eval_seq_len=32, eval_stride=16, eval_batch_seqs=4,
+             ttt_chunk_tokens=128, ttt_epochs=1, ttt_batch_seqs=4, compile=False, run_id="test_cuda_path", seed=0)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,7 +53,7 @@ def fake_luts(vocab: int = V):
 
 class FA3StandIn:
     """flash_attn_interface.flash_attn_func's input contract: q, k, v in one dtype, fp16 or bf16,
-    (B, T, heads, head_dim) with a contiguous last dim, k and v with NUM_KV_HEADS heads. It
+    (B, T, heads, 64) with a contiguous last dim, k and v with NUM_KV_HEADS heads. It
     computes with SDPA and records the dtypes it was given."""
 
     def __init__(self, h):
@@ -63,8 +65,8 @@ class FA3StandIn:
             raise RuntimeError(f"FlashAttention only supports fp16 and bf16, one dtype for q/k/v: got {q.dtype}, {k.dtype}, {v.dtype}")
         B, T = q.shape[:2]
         for name, t, heads in (("q", q, h.num_heads), ("k", k, h.num_kv_heads), ("v", v, h.num_kv_heads)):
-            if t.shape != (B, T, heads, h.head_dim):
-                raise RuntimeError(f"{name} has shape {tuple(t.shape)}, expected {(B, T, heads, h.head_dim)}")
+            if t.shape != (B, T, heads, HEAD_DIM):
+                raise RuntimeError(f"{name} has shape {tuple(t.shape)}, expected {(B, T, heads, HEAD_DIM)}")
             if t.stride(-1) != 1:
                 raise RuntimeError(f"{name} must have contiguous last dimension")
         if not causal:
@@ -89,6 +91,8 @@ def test_fa3_stand_in_refuses_what_fa3_refuses():
         fa3(q, q, q, causal=True)  # k/v with NUM_HEADS heads: GQA not applied by the caller
     with pytest.raises(RuntimeError, match="contiguous"):
         fa3(q.transpose(-1, -2).contiguous().transpose(-1, -2), kv, kv, causal=True)
+    with pytest.raises(RuntimeError, match="shape"):
+        fa3(q[..., :32], kv[..., :32], kv[..., :32], causal=True)  # not the record's head dimension
 
 
 # -----------------------------------------------------------------------------------------
