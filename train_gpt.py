@@ -1483,7 +1483,7 @@ def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, r
         for _ in range(batches):
             x, _ = loader.next_batch(rows)
             with rt.autocast():
-                accumulate("tok_emb.weight", model.forward_hidden(x.to(rt.device)))
+                accumulate("tok_emb.weight", model.forward_hidden(x.to(rt.device, non_blocking=True)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -2022,7 +2022,9 @@ def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtim
             x[r, : end - start] = tokens[start:end]
             y[r, : end - start] = tokens[start + 1: end + 1]
             mask[r, score_from - start: end - start] = True  # later padding cannot reach earlier positions: causal
-        x, y, mask = x.to(rt.device), y.to(rt.device), mask.to(rt.device)
+        # Non-blocking, as the training batches: a blocking copy waits for the device to finish
+        # the previous batch, so the host could not prepare this one meanwhile.
+        x, y, mask = (t.to(rt.device, non_blocking=True) for t in (x, y, mask))
         with rt.autocast():
             nll = model(x, y, reduction="none")
         # Masked sums, not nll[mask]: boolean indexing has a data-dependent size, so it would
@@ -2092,7 +2094,8 @@ def _ttt_adapt(h: Hyperparameters, rt: Runtime, model, opt, val_tokens: Tensor, 
         for starts in batches:
             opt.zero_grad(set_to_none=False)
             if starts:
-                xy = torch.stack([val_tokens[st: st + h.eval_seq_len + 1] for st in starts]).to(rt.device)
+                xy = torch.stack([val_tokens[st: st + h.eval_seq_len + 1] for st in starts])
+                xy = xy.to(rt.device, non_blocking=True)  # as score_windows: no wait for the device
                 with rt.autocast():
                     loss = model(xy[:, :-1], xy[:, 1:])
                 loss.backward()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import pytest
 import torch
@@ -279,6 +280,50 @@ def test_scoring_has_no_data_dependent_shapes():
     assert fake.shape == real.shape == (3,)
     # And the masked sums count what the boolean indexing counted.
     assert real[1].item() == tokens.numel() - 1
+
+
+class DeviceCopies(torch.overrides.TorchFunctionMode):
+    """Records, for every Tensor.to in train_gpt.py that names a device (a host-to-device copy on a
+    GPU), whether it was asked not to block. torch's own same-device moves are not copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        caller = sys._getframe(1).f_code.co_filename
+        if func is torch.Tensor.to and caller == tg.__file__ and any(isinstance(a, torch.device) for a in args[1:]):
+            self.non_blocking.append(kwargs.get("non_blocking", False))
+        return func(*args, **kwargs)
+
+
+def test_batches_reach_the_device_without_waiting_for_it():
+    """A blocking host-to-device copy synchronizes the stream, so the host would wait for the
+    previous batch to finish before preparing the next: once per batch of scoring, TTT and GPTQ
+    calibration. Every copy is non-blocking, as the training batches' are."""
+    h = make_h()
+    rt = cpu_runtime(h)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    model.looping_active = True
+    tokens = torch.randint(4, V, (5 * h.eval_seq_len + 1,))
+
+    class Loader:
+        def next_batch(self, rows):
+            t = torch.randint(4, V, (rows, h.train_seq_len + 1))
+            return t[:, :-1], t[:, 1:]
+
+    with DeviceCopies() as copies:
+        tg.score_windows(model, tokens, tg.make_windows(tokens.numel() - 1, h.eval_seq_len, h.eval_stride), h, rt,
+                         fake_luts())
+        scoring = len(copies.non_blocking)
+        tg._ttt_adapt(h, rt, model, torch.optim.SGD(model.parameters(), lr=0.0), tokens,
+                      tg.ttt_batches(h, rt, 0, 4 * h.eval_seq_len))
+        ttt = len(copies.non_blocking) - scoring
+        tg.collect_hessians(model, Loader(), 2, 2, rt)
+    assert scoring >= 3 and ttt >= 1 and len(copies.non_blocking) - scoring - ttt == 2
+    assert all(copies.non_blocking), copies.non_blocking
 
 
 def test_ttt_averages_gradients_in_one_all_reduce_per_step_and_dtype():
