@@ -328,6 +328,15 @@ class Runtime:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def to_device(self, t: Tensor) -> Tensor:
+        """A host batch on this device without the host waiting for the device: from pageable
+        memory a copy may synchronize the stream (CUDA stages it through pinned memory), so the
+        host could not prepare the next batch while this one runs. pin_memory() takes its block
+        from torch's caching host allocator, which keeps it until the copy has completed."""
+        if not self.is_cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def synchronize(self):
         if self.is_cuda:
             torch.cuda.synchronize()
@@ -1245,7 +1254,7 @@ class Trainer:
         total = torch.zeros((), device=rt.device)
         for micro in range(rt.grad_accum_steps):
             x, y = loader.next_batch(rt.micro_batch_seqs)
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            x, y = rt.to_device(x), rt.to_device(y)
             if rt.distributed:
                 self.fwd.require_backward_grad_sync = micro == rt.grad_accum_steps - 1
             with rt.autocast():
@@ -1483,7 +1492,7 @@ def collect_hessians(model: GPT, loader: ShuffledSequenceLoader, batches: int, r
         for _ in range(batches):
             x, _ = loader.next_batch(rows)
             with rt.autocast():
-                accumulate("tok_emb.weight", model.forward_hidden(x.to(rt.device, non_blocking=True)))
+                accumulate("tok_emb.weight", model.forward_hidden(rt.to_device(x)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -2022,9 +2031,7 @@ def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtim
             x[r, : end - start] = tokens[start:end]
             y[r, : end - start] = tokens[start + 1: end + 1]
             mask[r, score_from - start: end - start] = True  # later padding cannot reach earlier positions: causal
-        # Non-blocking, as the training batches: a blocking copy waits for the device to finish
-        # the previous batch, so the host could not prepare this one meanwhile.
-        x, y, mask = (t.to(rt.device, non_blocking=True) for t in (x, y, mask))
+        x, y, mask = rt.to_device(x), rt.to_device(y), rt.to_device(mask)
         with rt.autocast():
             nll = model(x, y, reduction="none")
         # Masked sums, not nll[mask]: boolean indexing has a data-dependent size, so it would
@@ -2094,8 +2101,7 @@ def _ttt_adapt(h: Hyperparameters, rt: Runtime, model, opt, val_tokens: Tensor, 
         for starts in batches:
             opt.zero_grad(set_to_none=False)
             if starts:
-                xy = torch.stack([val_tokens[st: st + h.eval_seq_len + 1] for st in starts])
-                xy = xy.to(rt.device, non_blocking=True)  # as score_windows: no wait for the device
+                xy = rt.to_device(torch.stack([val_tokens[st: st + h.eval_seq_len + 1] for st in starts]))
                 with rt.autocast():
                     loss = model(xy[:, :-1], xy[:, 1:])
                 loss.backward()

@@ -11,6 +11,7 @@ The two-process checks (DDP under compile, rank 0's Hessians) are in test_cuda_d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -283,30 +284,34 @@ def test_scoring_has_no_data_dependent_shapes():
 
 
 class DeviceCopies(torch.overrides.TorchFunctionMode):
-    """Records, for every Tensor.to in train_gpt.py that names a device (a host-to-device copy on a
-    GPU), whether it was asked not to block. torch's own same-device moves are not copies."""
+    """Stands in for a GPU's host-to-device copies on CPU: records each Tensor.to in train_gpt.py
+    that names a device as (source pinned, non_blocking) and performs it on CPU; pin_memory() marks
+    its tensor pinned (a CPU-only build cannot pin). torch's own same-device moves are not copies."""
 
     def __init__(self):
         super().__init__()
-        self.non_blocking = []
+        self.copies, self.pinned = [], set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.pin_memory:
+            self.pinned.add(id(args[0]))
+            return args[0]
         caller = sys._getframe(1).f_code.co_filename
         if func is torch.Tensor.to and caller == tg.__file__ and any(isinstance(a, torch.device) for a in args[1:]):
-            self.non_blocking.append(kwargs.get("non_blocking", False))
+            self.copies.append((id(args[0]) in self.pinned, kwargs.get("non_blocking", False)))
+            return args[0]
         return func(*args, **kwargs)
 
 
 def test_batches_reach_the_device_without_waiting_for_it():
-    """A blocking host-to-device copy synchronizes the stream, so the host would wait for the
-    previous batch to finish before preparing the next: once per batch of scoring, TTT and GPTQ
-    calibration. Every copy is non-blocking, as the training batches' are."""
+    """From pageable memory a host-to-device copy may synchronize the stream, so the host would
+    wait for the previous batch to finish before preparing the next: once per batch of training,
+    scoring, TTT and GPTQ calibration. Each batch is pinned and copied non-blocking instead."""
     h = make_h()
-    rt = cpu_runtime(h)
+    rt = cpu_runtime(h, is_cuda=True, autocast=contextlib.nullcontext)  # copies as on a GPU, math on CPU
     torch.manual_seed(0)
     model = tg.GPT(h)
-    model.looping_active = True
     tokens = torch.randint(4, V, (5 * h.eval_seq_len + 1,))
 
     class Loader:
@@ -314,16 +319,23 @@ def test_batches_reach_the_device_without_waiting_for_it():
             t = torch.randint(4, V, (rows, h.train_seq_len + 1))
             return t[:, :-1], t[:, 1:]
 
-    with DeviceCopies() as copies:
+    trainer = tg.Trainer(h, cpu_runtime(h), model)
+    trainer.rt = rt
+    with DeviceCopies() as mode:
+        trainer.step(Loader(), 0, 1.0)
+        counts = [len(mode.copies)]
+        model.looping_active = True
         tg.score_windows(model, tokens, tg.make_windows(tokens.numel() - 1, h.eval_seq_len, h.eval_stride), h, rt,
                          fake_luts())
-        scoring = len(copies.non_blocking)
+        counts.append(len(mode.copies))
         tg._ttt_adapt(h, rt, model, torch.optim.SGD(model.parameters(), lr=0.0), tokens,
                       tg.ttt_batches(h, rt, 0, 4 * h.eval_seq_len))
-        ttt = len(copies.non_blocking) - scoring
+        counts.append(len(mode.copies))
         tg.collect_hessians(model, Loader(), 2, 2, rt)
-    assert scoring >= 3 and ttt >= 1 and len(copies.non_blocking) - scoring - ttt == 2
-    assert all(copies.non_blocking), copies.non_blocking
+        counts.append(len(mode.copies))
+    # training x and y; scoring x, y and mask per batch; one TTT batch per step; calibration x.
+    assert counts[0] == 2 and counts[1] - counts[0] >= 6 and counts[2] > counts[1] and counts[3] - counts[2] == 2
+    assert set(mode.copies) == {(True, True)}, mode.copies
 
 
 def test_ttt_averages_gradients_in_one_all_reduce_per_step_and_dtype():
