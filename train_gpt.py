@@ -329,13 +329,16 @@ class Runtime:
         return contextlib.nullcontext()
 
     def to_device(self, t: Tensor) -> Tensor:
-        """A host batch on this device without the host waiting for the device: from pageable
-        memory a copy may synchronize the stream (CUDA stages it through pinned memory), so the
-        host could not prepare the next batch while this one runs. pin_memory() takes its block
-        from torch's caching host allocator, which keeps it until the copy has completed."""
+        """A host batch on this device, contiguous, without the host waiting for the device: from
+        pageable memory a copy may synchronize the stream (CUDA stages it through pinned memory),
+        so the host could not prepare the next batch while this one runs. The pinned block comes
+        from torch's caching host allocator, which keeps it until the copy has completed. (A
+        pinned non-contiguous view would not do: the copy first makes a pageable contiguous one.)"""
         if not self.is_cuda:
             return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        pinned.copy_(t)
+        return pinned.to(self.device, non_blocking=True)
 
     def synchronize(self):
         if self.is_cuda:
@@ -2101,9 +2104,12 @@ def _ttt_adapt(h: Hyperparameters, rt: Runtime, model, opt, val_tokens: Tensor, 
         for starts in batches:
             opt.zero_grad(set_to_none=False)
             if starts:
-                xy = rt.to_device(torch.stack([val_tokens[st: st + h.eval_seq_len + 1] for st in starts]))
+                xy = torch.stack([val_tokens[st: st + h.eval_seq_len + 1] for st in starts])
+                # Inputs and targets reach the device as the training batches do, so a TTT batch
+                # of the training micro-batch's shape also has its strides (one compiled graph).
+                x, y = rt.to_device(xy[:, :-1]), rt.to_device(xy[:, 1:])
                 with rt.autocast():
-                    loss = model(xy[:, :-1], xy[:, 1:])
+                    loss = model(x, y)
                 loss.backward()
             if rt.distributed:
                 rt.average_gradients(params)
