@@ -16,19 +16,22 @@
       and compiled: time and peak memory of the loss and of the MLP alone (forward + backward on
       one micro-batch), then S timed training steps of the full config on random tokens with each
       switch off/on. On a machine without CUDA it says so and exits 2.
-  python bench.py memory [--rows 48]
+  python bench.py memory [--rows 48] [--out logs/cpu_cuda_memory.json]
       Bytes autograd saves for one full-config training micro-batch (looping on) under CUDA's
-      bf16 autocast rules, emulated on a CPU-only build with meta and fake CUDA tensors.
+      bf16 autocast rules, emulated on a CPU-only build with meta and fake CUDA tensors; printed,
+      and written to --out when given.
   python bench.py gpu-check [--steps 20]
       On one CUDA GPU: versions, activation dtypes, a compiled full-config training (graph
-      count, recompiles, tok/s, peak memory) and compiled evaluation throughput, written to
-      logs/gpu_check_*.{txt,json}. Exits 1 if a check fails; refuses to run without CUDA.
+      count, recompiles, tok/s, peak memory), compiled evaluation throughput and TTT at the 8-GPU
+      record's per-rank batch, written to logs/gpu_check_*.{txt,json}, also when a check crashes
+      (what was measured before it, the check and the exception). Exits 1 if a check fails or
+      crashes; refuses to run without CUDA.
   python bench.py quant NAME --model final_model.pt --log TRAIN_LOG --preset P --data DATA_DIR
                         [--variant LABEL:KEY=VALUE,KEY=VALUE ...] [--full LABEL ...]
       Quantization switches applied to one run's saved EMA weights (quantization needs no
       retraining): for each variant, blob bytes with the record's single brotli stream and with
       COMPRESSOR=family, the quantized bpb and its penalty over the run's post-EMA bpb; sliding
-      and TTT bpb for the --full variants. Writes logs/NAME.{txt,json}.
+      and TTT bpb for the --full variants. Writes logs/NAME.{txt,json} (NAME: a plain name, as for run).
   python bench.py plot OUT.png JSON ...
       Bytes-vs-penalty plot of `quant` results (needs matplotlib: requirements-bench.txt).
   python bench.py table JSON ...
@@ -38,7 +41,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -47,18 +52,28 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent
 NAME_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")  # a plain name: never a path, never hidden
 
 
-def bench_dir(name: str) -> Path:
-    """build/bench/NAME, which run_benchmark empties: NAME must be a plain name, so nothing outside
-    build/bench/ (the checkout, an earlier benchmark, an absolute path) can be deleted."""
+def plain_name(name: str) -> str:
+    """NAME of every subcommand that takes one (run, quant), checked before any work: it names
+    build/bench/NAME and logs/NAME.{txt,json}, so a path (../submission) would delete or overwrite
+    files outside them."""
     if not NAME_RE.fullmatch(name):
         raise SystemExit(f"bench.py: NAME {name!r} is not a plain name: use letters, digits, '.', '_', '+', '-', "
                          "not starting with '.'")
+    return name
+
+
+def bench_dir(name: str) -> Path:
+    """build/bench/NAME, which run_benchmark empties: NAME must be a plain name, so nothing outside
+    build/bench/ (the checkout, an earlier benchmark, an absolute path) can be deleted."""
+    plain_name(name)
     base = (ROOT / "build" / "bench").resolve()
     work = base / name
     if work.resolve().parent != base:  # e.g. build/bench/NAME is a symlink out of build/bench/
@@ -290,7 +305,8 @@ def run_memory(args) -> int:
     static = 2 * (p32 + pbf) + adam_bytes + muon_bytes + ema_bytes
     result = {
         "command": "python bench.py memory" + (f" --rows {args.rows}" if args.rows != 48 else "")
-                   + (f" --seq-len {args.seq_len}" if args.seq_len != 2048 else ""),
+                   + (f" --seq-len {args.seq_len}" if args.seq_len != 2048 else "")
+                   + (f" --out {args.out}" if args.out else ""),
         "torch": torch.__version__,
         "micro_batch": f"{args.rows} x {h.train_seq_len} tokens per rank, looping on",
         "saved_activation_bytes": est["saved_bytes"], "saved_activation_gib": round(gib, 2),
@@ -307,7 +323,12 @@ def run_memory(args) -> int:
         "unprobed_ops": est["unprobed_ops"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2) + "\n"
+    print(text, end="")
+    if args.out:
+        out = ROOT / args.out  # relative to the repository, as every record path; an absolute one stays
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_record(out, text)
     return 0
 
 
@@ -333,19 +354,52 @@ def compiled_graphs(fn) -> int:
     return len(eval_frame._debug_get_cache_entry_list(fn.__code__))
 
 
-def gpu_check(h, rt, steps: int, say) -> tuple[dict, list[tuple[str, bool, str]]]:
+def graph_counts() -> dict[str, int]:
+    """The compiled graphs gpu-check counts, by function."""
+    import train_gpt as tg
+
+    return {"GPT.forward": compiled_graphs(tg.GPT.forward),
+            "zeropower_via_newtonschulz5": compiled_graphs(tg.zeropower_via_newtonschulz5)}
+
+
+RECORD_WORLD_SIZE = 8  # the record's GPUs: TTT splits each chunk's sequences over them
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """What gpu_check has found so far, filled in as it goes, so that a check that crashes (out of
+    memory, FlashAttention-3 under fullgraph) still leaves everything measured before it."""
+
+    lines: list[str] = dataclasses.field(default_factory=list)
+    figures: dict = dataclasses.field(default_factory=dict)
+    checks: list[tuple[str, bool, str]] = dataclasses.field(default_factory=list)
+    running: str | None = None  # the stage in progress: the one to blame for a crash
+    failure: dict | None = None  # the crash: {"check", "type", "message"}
+
+    def say(self, msg: str) -> None:
+        print(msg, flush=True)
+        self.lines.append(msg)
+
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append((name, bool(ok), detail))
+        self.say(f"check {'PASS' if ok else 'FAIL'}: {name} ({detail})")
+
+
+def gpu_check(h, rt, steps: int, report: CheckReport) -> None:
     """The record's training path on this device: activation dtypes (eager, real autocast),
-    compiled training looping off and on, timed steps, compiled evaluation. Returns figures and
-    (check, passed, detail) rows. Runs on any Runtime; gpu-check gives it the GPU and full config."""
+    compiled training looping off and on, timed steps, compiled evaluation, TTT at the 8-GPU
+    record's per-rank batch. Fills `report` stage by stage. Runs on any Runtime; gpu-check gives
+    it the GPU and full config."""
     import torch
 
     import train_gpt as tg
 
-    checks: list[tuple[str, bool, str]] = []
+    check, figures = report.check, report.figures
     torch.manual_seed(0)
     model = tg.build_model(h, rt.device, rt.is_cuda)
 
     # 1. Dtypes in eager mode under the real autocast, two sequences, looping off and on.
+    report.running = "activation dtypes (eager)"
     block_dtypes, attn_dtypes, hooks = set(), set(), []
     for block in model.blocks:
         hooks.append(block.register_forward_hook(lambda m, a, out: block_dtypes.add(str(out.dtype))))
@@ -367,30 +421,34 @@ def gpu_check(h, rt, steps: int, say) -> tuple[dict, list[tuple[str, bool, str]]
             hook.remove()
     model.zero_grad(set_to_none=True)
     want = "torch.bfloat16" if rt.is_cuda else "torch.float32"
-    checks.append(("residual stream dtype after every block", block_dtypes == {want}, f"{sorted(block_dtypes)}, want {want}"))
+    check("residual stream dtype after every block", block_dtypes == {want}, f"{sorted(block_dtypes)}, want {want}")
     if attention is not None:
-        checks.append(("FA3 gets q, k, v in bf16", attn_dtypes == {",".join(["torch.bfloat16"] * 3)}, str(sorted(attn_dtypes))))
-    checks.append(("loss dtype", losses == {"torch.float32"}, str(sorted(losses))))
+        check("FA3 gets q, k, v in bf16", attn_dtypes == {",".join(["torch.bfloat16"] * 3)}, str(sorted(attn_dtypes)))
+    check("loss dtype", losses == {"torch.float32"}, str(sorted(losses)))
     emb = {n: str(p.dtype) for n, p in model.named_parameters() if n in ("tok_emb.weight", "bigram.embed.weight")}
     others = {str(p.dtype) for n, p in model.named_parameters() if n not in emb}
-    checks.append(("embeddings bf16 on CUDA, everything else fp32",
-                   set(emb.values()) == {"torch.bfloat16" if rt.is_cuda else "torch.float32"} and others == {"torch.float32"},
-                   f"{emb}, others {sorted(others)}"))
+    check("embeddings bf16 on CUDA, everything else fp32",
+          set(emb.values()) == {"torch.bfloat16" if rt.is_cuda else "torch.float32"} and others == {"torch.float32"},
+          f"{emb}, others {sorted(others)}")
 
     # 2. Compiled training, looping off then on (the warm-up's two graphs), then timed steps.
+    report.running = "compiled training, looping off then on"
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     trainer = tg.Trainer(h, rt, model)
     loader = RandomTokens(h.vocab_size, h.train_seq_len)
+    figures.update(micro_batch=f"{rt.micro_batch_seqs} x {h.train_seq_len}", grad_accum_steps=rt.grad_accum_steps)
     t0 = time.perf_counter()
     for looping in (False, True):
         model.looping_active = looping
         for step in range(3):
             trainer.step(loader, step, 1.0)
     rt.synchronize()
-    compile_s = time.perf_counter() - t0
+    figures["compile_and_warmup_seconds"] = round(time.perf_counter() - t0, 1)
     train_graphs = compiled_graphs(tg.GPT.forward)
-    checks.append(("training: one graph per looping mode", train_graphs == 2, f"{train_graphs} graphs of GPT.forward"))
+    check("training: one graph per looping mode", train_graphs == 2, f"{train_graphs} graphs of GPT.forward")
+
+    report.running = "timed training steps"
     if rt.is_cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -399,11 +457,16 @@ def gpu_check(h, rt, steps: int, say) -> tuple[dict, list[tuple[str, bool, str]]
     rt.synchronize()
     step_s = (time.perf_counter() - t0) / max(steps, 1)
     tokens = rt.micro_batch_seqs * h.train_seq_len * rt.grad_accum_steps
-    checks.append(("no recompilation in timed steps", compiled_graphs(tg.GPT.forward) == train_graphs,
-                   f"{compiled_graphs(tg.GPT.forward)} graphs after, {train_graphs} before"))
-    checks.append(("finite training loss", bool(torch.isfinite(loss)), f"{float(loss):.4f}"))
+    figures.update(timed_steps=steps, step_ms=round(1000 * step_s, 1), train_tokens_per_second=round(tokens / step_s))
+    if rt.is_cuda:
+        figures["peak_memory_allocated_gib_timed_steps"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        figures["peak_memory_reserved_gib_timed_steps"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    check("no recompilation in timed steps", compiled_graphs(tg.GPT.forward) == train_graphs,
+          f"{compiled_graphs(tg.GPT.forward)} graphs after, {train_graphs} before")
+    check("finite training loss", bool(torch.isfinite(loss)), f"{float(loss):.4f}")
 
     # 3. Compiled evaluation: plain windows of EVAL_SEQ_LEN, padded batches, looping on.
+    report.running = "compiled evaluation"
     model.looping_active = True
     luts = (torch.ones(h.vocab_size, dtype=torch.int16, device=rt.device),
             torch.zeros(h.vocab_size, dtype=torch.bool, device=rt.device),
@@ -412,27 +475,81 @@ def gpu_check(h, rt, steps: int, say) -> tuple[dict, list[tuple[str, bool, str]]
     tg.evaluate_plain(h, rt, trainer.compiled, stream[: h.eval_seq_len + 1], luts)  # compiles the evaluation graph
     before = compiled_graphs(tg.GPT.forward)
     _, _, eval_ms = tg.evaluate_plain(h, rt, trainer.compiled, stream, luts)
-    checks.append(("evaluation: one graph, padded batches reuse it", before == train_graphs + 1 == compiled_graphs(tg.GPT.forward),
-                   f"{train_graphs} training + {compiled_graphs(tg.GPT.forward) - train_graphs} evaluation graphs"))
+    figures["eval_tokens_per_second"] = round((stream.numel() - 1) / (eval_ms / 1000))
+    eval_graphs = compiled_graphs(tg.GPT.forward)
+    check("evaluation: one graph, padded batches reuse it", before == train_graphs + 1 == eval_graphs,
+          f"{train_graphs} training + {eval_graphs - train_graphs} evaluation graphs")
+
+    # 4. TTT trains through the same compiled forward (looping on) on a batch of its own: its
+    # chunk's sequences split over the ranks. On the 8-GPU record that is 16 sequences of 2048 over
+    # 8 ranks, 2 x 2048 per rank, not the training micro-batch (48 x 2048), and with dynamic=False
+    # another shape is another graph. One GPU runs TTT with TTT_BATCH_SEQS set to rank 0's share, as
+    # ttt_batches gives it for 8 ranks: every TTT step at that shape, on a fresh model as the run's
+    # TTT stage gets, over two chunks (the first is scored, then trained on; the second scored).
+    report.running = "TTT at the 8-GPU record's per-rank batch"
+    rows = len(tg.ttt_batches(h, SimpleNamespace(rank=0, world_size=RECORD_WORLD_SIZE), 0, h.ttt_chunk_tokens)[0])
+    if rows == 0:
+        raise ValueError(f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} holds {h.ttt_chunk_tokens // h.eval_seq_len} "
+                         f"sequences of EVAL_SEQ_LEN={h.eval_seq_len}: none for rank 0 of {RECORD_WORLD_SIZE}")
+    fresh = tg.build_model(h, rt.device, rt.is_cuda)
+    fresh.looping_active = True
+    ttt_stream = RandomTokens(h.vocab_size, 2 * h.ttt_chunk_tokens + 1, 3).next_batch(1)[0][0]
+    t0 = time.perf_counter()
+    _, ttt_bpb, _ = tg.evaluate_ttt(dataclasses.replace(h, ttt_batch_seqs=rows), rt, tg.maybe_compile(fresh, rt),
+                                    ttt_stream, luts)
+    # The time includes compiling TTT's graph, and is one rank doing all 8 ranks' work of a chunk.
+    figures.update(ttt_batch_per_rank=f"{rows} x {h.eval_seq_len}", ttt_two_chunks_seconds=round(time.perf_counter() - t0, 1))
+    ttt_graphs = compiled_graphs(tg.GPT.forward) - eval_graphs
+    # Both batches reach the GPU as contiguous copies (Runtime.to_device), so only the shape decides.
+    reuses = (rows, h.eval_seq_len) == (rt.micro_batch_seqs, h.train_seq_len)
+    check("TTT: " + ("reuses the training graph (same batch shape)" if reuses else
+                     "one graph of its own for its batch shape, reused by every TTT step"),
+          ttt_graphs == (0 if reuses else 1),
+          f"{ttt_graphs} new graphs for {rows} x {h.eval_seq_len} per rank against training's "
+          f"{rt.micro_batch_seqs} x {h.train_seq_len}")
+    check("finite TTT bpb", math.isfinite(ttt_bpb), f"{ttt_bpb:.4f}")
+
+    report.running = "graph breaks and recompile limits"
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
-    checks.append(("no graph breaks", not breaks, str(breaks)))
-    ns_graphs = compiled_graphs(tg.zeropower_via_newtonschulz5)
-    checks.append(("Newton-Schulz compiled within the recompile limit",
-                   (1 <= ns_graphs <= torch._dynamo.config.recompile_limit) if rt.is_cuda else ns_graphs == 0,
-                   f"{ns_graphs} graphs, limit {torch._dynamo.config.recompile_limit}"))
-    figures = {
-        "micro_batch": f"{rt.micro_batch_seqs} x {h.train_seq_len}", "grad_accum_steps": rt.grad_accum_steps,
-        "compile_and_warmup_seconds": round(compile_s, 1), "timed_steps": steps,
-        "step_ms": round(1000 * step_s, 1), "train_tokens_per_second": round(tokens / step_s),
-        "eval_tokens_per_second": round((stream.numel() - 1) / (eval_ms / 1000)),
-        "graphs": {"GPT.forward": compiled_graphs(tg.GPT.forward), "zeropower_via_newtonschulz5": ns_graphs},
-    }
-    if rt.is_cuda:
-        figures["peak_memory_allocated_gib_timed_steps"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        figures["peak_memory_reserved_gib_timed_steps"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-    for name, ok, detail in checks:
-        say(f"check {'PASS' if ok else 'FAIL'}: {name} ({detail})")
-    return figures, checks
+    check("no graph breaks", not breaks, str(breaks))
+    limit = torch._dynamo.config.recompile_limit
+    graphs = graph_counts()
+    # Past the limit Dynamo stops compiling that code and silently runs it eagerly.
+    check("GPT.forward compiled within the recompile limit", graphs["GPT.forward"] <= limit,
+          f"{graphs['GPT.forward']} graphs, limit {limit}")
+    ns_graphs = graphs["zeropower_via_newtonschulz5"]
+    check("Newton-Schulz compiled within the recompile limit", (1 <= ns_graphs <= limit) if rt.is_cuda else ns_graphs == 0,
+          f"{ns_graphs} graphs, limit {limit}")
+    report.running = None
+
+
+def record_gpu_check(h, rt, steps: int, report: CheckReport, head: dict, out_dir: Path, name: str) -> int:
+    """Runs gpu_check and writes out_dir/NAME.{txt,json} however it ends: after a crash, with
+    everything measured before it, the check that was running and the exception (its traceback in
+    the .txt). Returns 0 when every check ran and passed, else 1."""
+    t0 = time.perf_counter()
+    try:
+        gpu_check(h, rt, steps, report)
+    except Exception as e:  # any crash is a finding: keep it with what came before, then exit 1
+        report.failure = {"check": report.running, "type": type(e).__name__, "message": str(e)}
+        report.say(f"check CRASH: {report.running} ({type(e).__name__}: {e})")
+        trace = traceback.format_exc().rstrip()
+        print(trace, file=sys.stderr, flush=True)
+        report.lines.append(trace)
+    report.figures["graphs"] = graph_counts()
+    report.figures["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    checks = report.checks
+    ok = report.failure is None and all(c[1] for c in checks)
+    report.say("figures: " + json.dumps(report.figures))
+    report.say(f"gpu_check:{'PASS' if ok else 'FAIL'} ({sum(c[1] for c in checks)}/{len(checks)} checks"
+               + (f", then a crash in: {report.failure['check']}" if report.failure else "") + ")")
+    result = {**head, "figures": report.figures, "passed": ok, "failure": report.failure,
+              "checks": [{"check": n, "passed": o, "detail": d} for n, o, d in checks]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_record(out_dir / f"{name}.txt", "\n".join(report.lines) + "\n")
+    write_record(out_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out_dir / name}.txt and .json")
+    return 0 if ok else 1
 
 
 def run_gpu_check(args) -> int:
@@ -449,13 +566,8 @@ def run_gpu_check(args) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     gpu = torch.cuda.get_device_name(0)
     name = f"gpu_check_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}_{stamp}"
-    out_dir = ROOT / args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        lines.append(msg)
+    report = CheckReport()
+    say = report.say
 
     tg.enable_flash_attention()
     fa3 = tg.FLASH_ATTN_FUNC is not None
@@ -480,20 +592,10 @@ def run_gpu_check(args) -> int:
     rt = tg.Runtime(h)
     say(f"config: full model, micro-batch {rt.micro_batch_seqs} x {h.train_seq_len}, compile on, "
         f"attention {'flash_attn_3' if fa3 else 'sdpa'}")
-    t0 = time.perf_counter()
-    figures, checks = gpu_check(h, rt, args.steps, say)
-    figures["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    ok = all(c[1] for c in checks)
-    say("figures: " + json.dumps(figures))
-    say(f"gpu_check:{'PASS' if ok else 'FAIL'} ({sum(c[1] for c in checks)}/{len(checks)} checks)")
-    result = {"command": "python bench.py gpu-check" + (f" --steps {args.steps}" if args.steps != 20 else "")
-              + (f" --rows {args.rows}" if args.rows != 48 else ""),
-              **git_state(), "versions": versions, "figures": figures, "passed": ok,
-              "checks": [{"check": n, "passed": o, "detail": d} for n, o, d in checks]}
-    write_record(out_dir / f"{name}.txt", "\n".join(lines) + "\n")
-    write_record(out_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out_dir}/{name}.txt and .json")
-    return 0 if ok else 1
+    head = {"command": "python bench.py gpu-check" + (f" --steps {args.steps}" if args.steps != 20 else "")
+            + (f" --rows {args.rows}" if args.rows != 48 else ""),
+            **git_state(), "versions": versions}
+    return record_gpu_check(h, rt, args.steps, report, head, ROOT / args.out_dir, name)
 
 
 def run_benchmark(args) -> int:
@@ -808,6 +910,7 @@ def run_quant(args) -> int:
     import logformat
     import train_gpt as tg
 
+    plain_name(args.name)  # before anything else: logs/NAME.{txt,json} must stay in --out-dir
     env = read_preset(Path(args.preset)) if args.preset else {}
     env.update(DATA_DIR=str(Path(args.data).resolve()), SEED=str(args.seed))
     os.environ.update(env)
@@ -961,6 +1064,7 @@ def main(argv=None) -> int:
     mem = sub.add_parser("memory", help="saved activations of one full-config micro-batch under the CUDA dtype policy")
     mem.add_argument("--rows", type=int, default=48, help="sequences per micro-batch (the record: 48 per rank)")
     mem.add_argument("--seq-len", type=int, default=2048)
+    mem.add_argument("--out", help="also write the JSON here (the committed estimate: logs/cpu_cuda_memory.json)")
     q = sub.add_parser("quant", help="quantization switches on a run's saved weights: bytes and bpb penalty")
     q.add_argument("name")
     q.add_argument("--model", required=True, help="the run's final_model.pt (EMA weights)")

@@ -2,14 +2,23 @@
 
 Dynamo's "eager" backend stands in for inductor: the graphs Dynamo captures, its graph breaks and
 its recompilations do not depend on the backend, and "eager" compiles none of them (inductor on
-two CPU cores would take minutes). What the code intends, and this test pins: FOUR graphs of
-GPT.forward in a whole run - {training, evaluation} x {looping off, looping on}. Every padded
-evaluation batch, sliding windows, a freshly loaded model and the TTT steps reuse them.
+two CPU cores would take minutes). What this pins: GPT.forward compiles one graph per
+{training, evaluation} x {looping off, looping on} - every padded evaluation batch, sliding windows
+and a freshly loaded model reuse them - plus one per TTT batch shape that differs from the training
+micro-batch. TTT's steps are training steps (looping on), and with dynamic=False Dynamo guards the
+input's shape and strides, so they reuse the training graph only when TTT's per-rank batch (a
+chunk's EVAL_SEQ_LEN sequences split over the ranks, at most TTT_BATCH_SEQS per step) has the
+training micro-batch's shape; each other shape is a graph of its own. In the 8-GPU record it does
+not: 16 sequences of 2048 per chunk over 8 ranks are 2 x 2048 per rank against 48 x 2048 in
+training, so a whole run compiles FIVE graphs. (On CUDA both batches arrive as contiguous copies,
+so only the shape differs; on CPU both are views with a row stride of L + 1.) Every count must stay
+within Dynamo's recompile limit.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -27,6 +36,9 @@ TINY = dict(
     eval_seq_len=32, eval_stride=16, eval_batch_seqs=4, ttt_chunk_tokens=128, ttt_epochs=1, ttt_batch_seqs=4,
     compile=True, run_id="test_cuda_compile", seed=0,
 )
+# TTT laid out as in the record: 16 sequences per chunk, which 8 ranks split into 2 x 32 each, where
+# training takes 4 x 32 (the record: 2 x 2048 per rank against 48 x 2048).
+RECORD_LIKE_TTT = dict(TINY, ttt_chunk_tokens=16 * TINY["eval_seq_len"])
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +73,7 @@ class RandomLoader:
 
 
 @pytest.mark.parametrize("kernels", [{}, dict(fused_ce=True, fused_mlp=True)], ids=["math", "kernels"])
-def test_whole_run_compiles_four_graphs_without_breaks(graphs, kernels):
+def test_whole_run_compiles_a_graph_per_mode_and_ttt_shape_without_breaks(graphs, kernels):
     if kernels:
         need_triton()
     h = tg.Hyperparameters(**TINY, **kernels)
@@ -78,23 +90,40 @@ def test_whole_run_compiles_four_graphs_without_breaks(graphs, kernels):
         model.looping_active = looping
         for step in range(2):
             trainer.step(loader, step, 1.0)
-    assert len(graphs) == 2, graphs  # one per mode; the second step of each reuses it
+    assert len(graphs) == 2, graphs  # 1, 2: training, looping off and on; each mode's second step reuses its graph
 
     for looping in (False, True):
         model.looping_active = looping
         for n_windows in (1, 3, 4, 7, 10):  # padded to EVAL_BATCH_SEQS rows: one shape
             tg.evaluate_plain(h, rt, trainer.compiled, tokens[: n_windows * h.eval_seq_len + 1], luts)
         tg.evaluate_sliding(h, rt, trainer.compiled, tokens, luts)
-    assert len(graphs) == 4, graphs  # one evaluation graph (no_grad, per-token NLL) per mode
+    assert len(graphs) == 4, graphs  # 3, 4: evaluation (no_grad, per-token NLL), looping off and on
 
     # After quantization every stage loads a fresh model and compiles it anew: the graphs are reused.
+    # Here TTT trains on 4 x 32 per step (TTT_BATCH_SEQS=4 of a chunk's 4 sequences), the training
+    # micro-batch's shape, and both inputs are views of (4, 33) rows: its steps reuse graph 2.
     for stage in (tg.evaluate_sliding, tg.evaluate_ttt):
         fresh = tg.build_model(h, torch.device("cpu"), is_cuda=True)
         fresh.looping_active = True
         stage(h, rt, tg.maybe_compile(fresh, rt), tokens, luts)
     assert len(graphs) == 4, graphs
+
+    # TTT on 2 x 32 per step, as each rank of the record trains on 2 x 2048: graph 5, training mode,
+    # looping on, at that shape; both of its steps per chunk, and the next chunk's, reuse it.
+    small_ttt = tg.Hyperparameters(**dict(TINY, ttt_batch_seqs=2), **kernels)
+    fresh = tg.build_model(h, torch.device("cpu"), is_cuda=True)
+    fresh.looping_active = True
+    tg.evaluate_ttt(small_ttt, rt, tg.maybe_compile(fresh, rt), tokens, luts)
+    assert len(graphs) == 5, graphs
     assert graph_breaks() == {}
     assert len(graphs) <= torch._dynamo.config.recompile_limit  # beyond it Dynamo silently runs eager
+
+    # The strides are guarded too: the training shape as one contiguous tensor is graph 6. On CUDA
+    # Runtime.to_device hands every batch over as a contiguous copy, so there only shapes differ.
+    x, y = loader.next_batch(rt.micro_batch_seqs)
+    with rt.autocast():
+        trainer.compiled(x.contiguous(), y.contiguous()).backward()
+    assert len(graphs) == 6, graphs
 
 
 def test_compiled_newton_schulz_stays_within_the_recompile_limit(graphs):
@@ -119,12 +148,42 @@ def test_gpu_check_refuses_without_cuda(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_gpu_check_logic_on_cpu(graphs):
+def test_gpu_check_logic_on_cpu(graphs, tmp_path):
     """bench.py gpu-check's checks, run on CPU with a tiny model (fp32 there, no compiled
-    Newton-Schulz): every check passes and the figures are filled in."""
-    h = tg.Hyperparameters(**TINY)
-    lines = []
-    figures, checks = bench.gpu_check(h, tg.Runtime(h), 2, lines.append)
-    assert all(ok for _, ok, _ in checks), checks
-    assert len(lines) == len(checks) and figures["graphs"] == {"GPT.forward": 3, "zeropower_via_newtonschulz5": 0}
+    Newton-Schulz): every check passes, the figures are filled in, and both records are written.
+    GPT.forward's graphs: training looping off, on; evaluation; TTT at 2 x 32 per rank."""
+    h = tg.Hyperparameters(**RECORD_LIKE_TTT)
+    report = bench.CheckReport()
+    assert bench.record_gpu_check(h, tg.Runtime(h), 2, report, {"command": "test"}, tmp_path, "gpu_check_cpu") == 0
+    result = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    assert result["passed"] and result["failure"] is None
+    assert all(c["passed"] for c in result["checks"]) and len(result["checks"]) == len(report.checks) == 12
+    figures = result["figures"]
+    assert figures["graphs"] == {"GPT.forward": 4, "zeropower_via_newtonschulz5": 0}
+    assert figures["ttt_batch_per_rank"] == "2 x 32"
     assert figures["train_tokens_per_second"] > 0 and figures["eval_tokens_per_second"] > 0
+    assert (tmp_path / "gpu_check_cpu.txt").read_text().splitlines() == report.lines
+    assert report.lines[-1] == "gpu_check:PASS (12/12 checks)"
+
+
+def test_gpu_check_records_a_crash_with_what_it_measured(graphs, tmp_path, monkeypatch):
+    """A check that raises (here evaluation, standing in for an out-of-memory or FA3 failure)
+    still leaves both records: the training figures and checks measured before it, the check that
+    was running, the exception's type and message; and gpu-check exits 1."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(tg, "evaluate_plain", out_of_memory)
+    h = tg.Hyperparameters(**RECORD_LIKE_TTT)
+    assert bench.record_gpu_check(h, tg.Runtime(h), 1, bench.CheckReport(), {"command": "test"}, tmp_path, "crash") == 1
+    result = json.loads((tmp_path / "crash.json").read_text())
+    assert result["passed"] is False
+    assert result["failure"] == {"check": "compiled evaluation", "type": "RuntimeError",
+                                 "message": "CUDA out of memory (stand-in)"}
+    assert [c["check"] for c in result["checks"]][-2:] == ["no recompilation in timed steps", "finite training loss"]
+    assert all(c["passed"] for c in result["checks"])
+    assert result["figures"]["step_ms"] > 0 and "eval_tokens_per_second" not in result["figures"]
+    assert result["figures"]["graphs"]["GPT.forward"] == 2
+    text = (tmp_path / "crash.txt").read_text()
+    assert "check CRASH: compiled evaluation (RuntimeError: CUDA out of memory (stand-in))" in text
+    assert "Traceback" in text and text.splitlines()[-1].startswith("gpu_check:FAIL (")

@@ -572,3 +572,66 @@ def test_bench_record_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         bench.write_record(path, "a new record\n")
     assert path.read_text() == "the committed record\n"
     assert sorted(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("name", ["../submission", "victim_abs", ".hidden", "a/b", ""])
+def test_bench_quant_name_never_writes_outside_the_logs(name, tmp_path, monkeypatch):
+    """bench.py quant writes logs/NAME.{txt,json}: NAME=../submission would replace the checkout's
+    submission.json, an absolute NAME any file. It is refused before anything is read or run."""
+    import bench
+
+    root = tmp_path / "checkout"
+    (root / "logs").mkdir(parents=True)
+    (root / "submission.json").write_text("the submission\n")
+    monkeypatch.setattr(bench, "ROOT", root)
+    name = str(tmp_path / "victim") if name == "victim_abs" else name
+    with pytest.raises(SystemExit, match="NAME .* is not a plain name"):
+        bench.main(["quant", name, "--model", str(tmp_path / "final_model.pt"), "--log", str(tmp_path / "run.txt"),
+                    "--preset", str(tmp_path / "preset.env"), "--data", str(tmp_path)])
+    assert (root / "submission.json").read_text() == "the submission\n"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["submission.json"]
+
+
+def test_bench_memory_estimate_is_printed_and_written_to_out(tmp_path, monkeypatch, capsys, one_thread):
+    """bench.py memory on the tiny model (read from the environment, as the full-config estimate
+    reads the defaults): the record it prints is the one --out writes, through the atomic writer,
+    and its figures are saved_activations' own: bf16 and fp32 activations under the emulated CUDA
+    policy, the model's parameter bytes with bf16 embeddings as built for CUDA."""
+    import bench
+    import train_gpt
+    from conftest import TINY_MODEL
+
+    for key, value in TINY_MODEL.items():
+        monkeypatch.setenv(key, value)
+    estimates, writes = [], []  # what run_memory's own saved_activations returned; what it wrote
+    saved_activations, write_record = bench.saved_activations, bench.write_record
+
+    def recorded_estimate(h, rows):
+        estimates.append(saved_activations(h, rows))
+        return estimates[-1]
+
+    def recorded_write(path, text):
+        writes.append(path)
+        write_record(path, text)
+
+    monkeypatch.setattr(bench, "saved_activations", recorded_estimate)
+    monkeypatch.setattr(bench, "write_record", recorded_write)
+    out = tmp_path / "records" / "memory.json"
+    assert bench.main(["memory", "--rows", "2", "--seq-len", "32", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == written and writes == [out]
+    assert set(written) == {"command", "torch", "micro_batch", "saved_activation_bytes", "saved_activation_gib",
+                            "saved_tensors", "saved_gib_by_dtype", "saved_weight_copies_gib", "static_gib",
+                            "static_parts_mib", "record_peak_gib_per_gpu", "unprobed_ops", "seconds"}
+    assert written["command"] == f"python bench.py memory --rows 2 --seq-len 32 --out {out}"
+    assert written["micro_batch"] == "2 x 32 tokens per rank, looping on"
+    (est,) = estimates
+    assert written["saved_activation_bytes"] == est["saved_bytes"] == sum(est["saved_by_dtype"].values()) > 0
+    assert est["saved_by_dtype"]["bfloat16"] > 0 and est["saved_by_dtype"]["float32"] > 0
+    assert written["saved_tensors"] == est["saved_tensors"] > 0 and est["saved_weight_copy_bytes"] > 0
+    model = train_gpt.GPT(train_gpt.Hyperparameters.from_env())
+    embeddings = {"tok_emb.weight", "bigram.embed.weight"}
+    assert est["parameter_bytes"] == {
+        "bfloat16": sum(2 * p.numel() for n, p in model.named_parameters() if n in embeddings),
+        "float32": sum(4 * p.numel() for n, p in model.named_parameters() if n not in embeddings)}
+    assert set(written["static_parts_mib"]) == {"weights", "gradients", "adamw_moments", "muon_momentum", "ema"}
