@@ -2300,10 +2300,9 @@ def run_and_exit(fn) -> None:
             raise
         traceback.print_exc()
         if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-            limit = os.environ.get("DIST_TIMEOUT_SECONDS", Hyperparameters.dist_timeout_seconds)
-            print(f"rank {dist.get_rank()}: a peer rank did not answer within DIST_TIMEOUT_SECONDS={limit}: it "
-                  "stopped or crashed, or a legitimate wait took longer (then raise DIST_TIMEOUT_SECONDS)",
-                  file=sys.stderr)
+            print(f"rank {dist.get_rank()}: a peer rank did not answer within DIST_TIMEOUT_SECONDS (this run's "
+                  "setting, logged in its header): it stopped or crashed, or a legitimate wait took longer "
+                  "(then raise DIST_TIMEOUT_SECONDS)", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
