@@ -7,7 +7,8 @@ with a tiny run's settings (COMPILE=1) in the environment:
 2. quantizes with the default (rank 0's own Hessians) into OUT_DIR/artifact.ptz and with
    GPTQ_HESSIAN_ALL_RANKS=1 into OUT_DIR/artifact_all.ptz, counting each rank's calibration
    forwards.
-Rank 0 saves the weights it quantized (OUT_DIR/model.pt); each rank writes OUT_DIR/rank{RANK}.json.
+Rank 0 saves the weights it quantized (OUT_DIR/model.pt) and the averaged Hessians it quantized
+artifact_all.ptz from (OUT_DIR/hessians_all_ranks.pt); each rank writes OUT_DIR/rank{RANK}.json.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def main(out_dir: str) -> None:
             trainer.step(loader, step, 1.0)
         per_mode[str(looping)] = len(graphs) - before
 
+    # The Hessians each quantization is given, saved so that the test can quantize from exactly
+    # these: GPTQ's error propagation can move a code by more than one step for a last-bit
+    # difference in H, so an H rebuilt in the test in another summation order is no exact reference.
+    collected, collect = [], tg.collect_hessians
+    tg.collect_hessians = lambda *a, **kw: collected.append(collect(*a, **kw)) or collected[-1]
     forwards = []
     real_forward_hidden = model.forward_hidden
     model.forward_hidden = lambda ids: forwards.append(ids.shape[0]) or real_forward_hidden(ids)
@@ -64,8 +70,11 @@ def main(out_dir: str) -> None:
         if name == "all_ranks":
             hh.gptq_hessian_all_ranks, hh.quantized_model_path = True, str(out / "artifact_all.ptz")
         forwards.clear()
+        collected.clear()
         tg.quantize_and_save(hh, rt, model, tg.Logger(None), 0)
         calibration[name] = len(forwards)
+        if rt.is_main and name == "all_ranks":
+            torch.save(collected[0], out / "hessians_all_ranks.pt")
     if rt.is_main:
         torch.save(model.state_dict(), out / "model.pt")
     result = dict(rank=rt.rank, world_size=rt.world_size, optimize_ddp=torch._dynamo.config.optimize_ddp,
