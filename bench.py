@@ -82,16 +82,13 @@ def bench_dir(name: str) -> Path:
 
 
 def read_preset(path: Path) -> dict[str, str]:
-    env = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "=" not in line:
-            raise SystemExit(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
-        key, value = line.split("=", 1)
-        env[key.strip()] = value.strip()
-    return env
+    """A preset's KEY=VALUE settings, read as pack.py reads them (specialise.read_preset)."""
+    from specialise import read_preset as read
+
+    try:
+        return read(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bench.py: preset {e}") from None
 
 
 def write_record(path: Path, text: str) -> None:

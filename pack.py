@@ -51,9 +51,12 @@ MINIFY_FLAGS = dict(
     # change: `self`, *args, **kwargs, nested functions. The minifier renames nothing in a module
     # that calls locals(), globals(), vars(), exec() or eval(); check_interface() verifies the rest.
     rename_locals=True,
-    # OFF: module-level names are the script's interface: tests and tools import them
-    # (`train_gpt.Hyperparameters`), pickles and torch.compile refer to them by name (~+385 B).
-    rename_globals=False,
+    # Module-level names get short names too (~-540 B on the record's pack), but KEPT_GLOBALS.
+    # The packed file is a program, not a library: tests and tools import the readable file, and
+    # nothing in it looks a global up by its name (no globals(), no pickled classes or functions;
+    # the Triton kernels and custom ops resolve theirs through the renamed module). What a caller
+    # sees is checked unchanged by check_interface(); `--keep-names` keeps every name.
+    rename_globals=True,
     # OFF: adds module-level names for repeated strings, and LZMA already shares them (~+80 B).
     hoist_literals=False,
     # OFF: asserts and `if __debug__` blocks are checks the readable run performs (0 B today).
@@ -77,6 +80,13 @@ MINIFY_FLAGS = dict(
 )
 
 
+# Module-level names renaming keeps, because something reads them as text: the builtins of the
+# dataclass annotations (HPARAMS maps their names to types), Triton's `tl` (it recognises a
+# kernel's compile-time arguments by annotations that start with "tl."), and the pins that
+# pack.py and record.py read back.
+KEPT_GLOBALS = ("str", "int", "float", "bool", "tl", "PINNED", "PACKED_FOR")
+
+
 def minify_options() -> dict:
     import python_minifier
 
@@ -86,7 +96,7 @@ def minify_options() -> dict:
     annotations = python_minifier.RemoveAnnotationsOptions(
         remove_variable_annotations=True, remove_return_annotations=False,
         remove_argument_annotations=False, remove_class_attribute_annotations=False)
-    return dict(MINIFY_FLAGS, remove_annotations=annotations)
+    return dict(MINIFY_FLAGS, remove_annotations=annotations, preserve_globals=list(KEPT_GLOBALS))
 
 
 def minifier_version() -> str:
@@ -134,10 +144,12 @@ def constexpr_arguments(source: str) -> list[str]:
                    and a.annotation is not None and "constexpr" in ast.unparse(a.annotation)})
 
 
-def minify_source(source: str, filename: str = "train_gpt.py", **overrides) -> str:
+def minify_source(source: str, filename: str = "train_gpt.py", keep_names: bool = False, **overrides) -> str:
     import python_minifier
 
     options = {**minify_options(), "preserve_locals": constexpr_arguments(source), **overrides}
+    if keep_names:
+        options["rename_globals"] = False
     return python_minifier.minify(strip_annotations(source), filename=filename, **options)
 
 
@@ -167,10 +179,11 @@ def _scope_bindings(body: list[ast.stmt]) -> set[str]:
     return names
 
 
-def interface_names(source: str) -> dict[str, set]:
+def interface_names(source: str, globals_renamed: bool = False) -> dict[str, set]:
     """What minification must leave untouched: module-level names, class attributes, attribute
     accesses (state-dict keys come from `self.tok_emb`, ...), keyword arguments, parameter names
-    and string constants (environment variable names, log keys)."""
+    and string constants (environment variable names, log keys). globals_renamed: module-level
+    names may change (KEPT_GLOBALS aside), so classes and functions are known by their contents."""
     tree = ast.parse(source)
     annotations = [n.returns for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     annotations += [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.arg, ast.AnnAssign))]
@@ -185,7 +198,8 @@ def interface_names(source: str) -> dict[str, set]:
         if id(node) in skip:
             continue
         if isinstance(node, ast.ClassDef):
-            out["class attributes"].update(f"{node.name}.{n}" for n in _scope_bindings(node.body))
+            cls = "<class>" if globals_renamed and node in tree.body else node.name
+            out["class attributes"].update(f"{cls}.{n}" for n in _scope_bindings(node.body))
         elif isinstance(node, ast.Attribute):
             out["attributes"].add(node.attr)
         elif isinstance(node, ast.keyword) and node.arg:
@@ -194,7 +208,7 @@ def interface_names(source: str) -> dict[str, set]:
             # Names a caller can pass by keyword. Renaming a method's receiver (`self`), *args,
             # **kwargs or a positional-only argument is invisible to callers.
             args = node.args.args[1:] if id(node) in methods else node.args.args
-            name = node.name if id(node) in methods or node in tree.body else "<local>"  # locals may be renamed
+            name = node.name if id(node) in methods or (node in tree.body and not globals_renamed) else "<local>"
             out["parameters"].add(f"{name}({','.join(x.arg for x in args + node.args.kwonlyargs)})")
         elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
               and id(node) not in literal_statements and id(node) not in fstring_parts):
@@ -202,8 +216,11 @@ def interface_names(source: str) -> dict[str, set]:
     return out
 
 
-def check_interface(readable: str, minified: str) -> None:
-    before, after = interface_names(readable), interface_names(minified)
+def check_interface(readable: str, minified: str, globals_renamed: bool = False) -> None:
+    before, after = interface_names(readable, globals_renamed), interface_names(minified, globals_renamed)
+    if globals_renamed:  # the names themselves may change; the kept ones may not
+        before["module names"] &= set(KEPT_GLOBALS)
+        after["module names"] &= set(KEPT_GLOBALS)
     for kind in before:
         lost, gained = before[kind] - after[kind], after[kind] - before[kind]
         if lost or gained:
@@ -213,14 +230,17 @@ def check_interface(readable: str, minified: str) -> None:
 
 # -----------------------------------------------------------------------------
 # COMPRESS
-# A raw LZMA2 stream: no .xz container (~-85 B) and no header, the filter spec travels in the
-# decompressor line instead. Text has no 4-byte structure, so pb=0 beats the default pb=2
-# (~-20 B); lc=3 is the best literal context (`--measure` prints the lc x pb grid). A search over
-# nice_len and the match finder won 0 to 2 bytes on train_gpt.py, so it is gone. Measured and left
-# out: lp=1 (+170 B), a delta filter (+3.6 kB), BCJ x86/ARM (no change: they rewrite machine-code
-# branches, which text does not have).
+# Two codecs for the minified text. brotli (the default) at quality 11, window just large enough
+# for the text: its built-in dictionary of common words and code fragments makes it about 4%
+# smaller than LZMA on this source (`--measure` prints both), and the run needs the brotli module
+# anyway (its artifact is brotli). lzma: a raw LZMA2 stream, no .xz container (~-85 B) and no
+# header, the filter spec travels in the decompressor line instead. Text has no 4-byte structure,
+# so pb=0 beats the default pb=2 (~-20 B); lc=3 is the best literal context (`--measure` prints
+# the lc x pb grid). Measured and left out: lp=1 (+170 B), a delta filter (+3.6 kB), BCJ x86/ARM
+# (no change: they rewrite machine-code branches, which text does not have).
 # -----------------------------------------------------------------------------
 
+CODECS = ("brotli", "lzma")
 LC_PB_GRID = [(lc, pb) for lc in range(5) for pb in range(3)]  # --measure only
 MF_NAMES = {lzma.MF_BT4: "bt4", lzma.MF_BT3: "bt3", lzma.MF_BT2: "bt2", lzma.MF_HC4: "hc4", lzma.MF_HC3: "hc3"}
 
@@ -229,6 +249,11 @@ def dict_size_for(n: int) -> int:
     """Smallest power of two >= n (liblzma's minimum is 4 KiB): a larger dictionary cannot find
     more matches in n bytes, and the decoder then allocates only that much."""
     return max(4096, 1 << max(0, n - 1).bit_length())
+
+
+def brotli_window_for(n: int) -> int:
+    """lgwin of the smallest brotli window (2**lgwin - 16 bytes) that holds n bytes (10..24)."""
+    return max(10, min(24, (n + 15).bit_length()))
 
 
 def encoder_filter(data_len: int, lc: int = 3, pb: int = 0) -> dict:
@@ -243,6 +268,8 @@ def decoder_filter(enc: dict) -> dict:
 
 
 def describe_filter(enc: dict) -> str:
+    if enc.get("codec") == "brotli":
+        return f"brotli quality 11 lgwin={enc['lgwin']}"
     return (f"raw LZMA2 preset 9e dict_size={enc['dict_size']} lc={enc['lc']} lp={enc['lp']} pb={enc['pb']} "
             f"nice_len={enc['nice_len']} mf={MF_NAMES.get(enc['mf'], enc['mf'])}")
 
@@ -251,10 +278,26 @@ def lzma_raw(data: bytes, enc: dict) -> bytes:
     return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[enc])
 
 
-def compress(data: bytes) -> tuple[bytes, dict]:
-    """(raw LZMA2 stream, encoder filter)."""
-    enc = encoder_filter(len(data))
-    return lzma_raw(data, enc), enc
+def compress(data: bytes, codec: str = "brotli") -> tuple[bytes, dict]:
+    """(stream, encoder settings): {"codec": "brotli", "lgwin": ...} or an LZMA2 encoder filter."""
+    if codec == "brotli":
+        import brotli
+
+        lgwin = brotli_window_for(len(data))
+        return brotli.compress(data, quality=11, lgwin=lgwin), {"codec": "brotli", "lgwin": lgwin}
+    if codec == "lzma":
+        enc = encoder_filter(len(data))
+        return lzma_raw(data, enc), enc
+    raise PackError(f"unknown codec {codec!r} (one of {', '.join(CODECS)})")
+
+
+def decompress_stream(stream: bytes, filters: list | None) -> bytes:
+    """The inverse of compress(): filters None for brotli, else the LZMA2 decoder filters."""
+    if filters is None:
+        import brotli
+
+        return brotli.decompress(stream)
+    return lzma.decompress(stream, format=lzma.FORMAT_RAW, filters=filters)
 
 
 # -----------------------------------------------------------------------------
@@ -312,17 +355,19 @@ _RUN_LINES = ('linecache.cache[__file__]=len(s),None,s.splitlines(True),__file__
               'exec(compile(s,__file__,"exec"))\n')
 
 
-def wrap(stream: bytes, dec: dict, encoding: str = "latin1") -> bytes:
-    """Self-extracting Python source that runs the payload in its own module namespace."""
-    call = f"lzma.FORMAT_RAW,filters={_filter_literal(dec)}).decode()\n"
+def wrap(stream: bytes, dec: dict | None, encoding: str = "latin1") -> bytes:
+    """Self-extracting Python source that runs the payload in its own module namespace. dec: the
+    LZMA2 decoder filter, or None for a brotli stream."""
+    module = "brotli" if dec is None else "lzma"
+    tail = ").decode()\n" if dec is None else f",lzma.FORMAT_RAW,filters={_filter_literal(dec)}).decode()\n"
     if encoding == "latin1":
-        return (LATIN1_HEADER + b"import lzma,linecache\n"
-                + b's=lzma.decompress("""' + escape_latin1(stream) + b'""".encode("latin-1"),'
-                + call.encode() + _RUN_LINES.encode())
+        return (LATIN1_HEADER + f"import {module},linecache\n".encode()
+                + f's={module}.decompress("""'.encode() + escape_latin1(stream) + b'""".encode("latin-1")'
+                + tail.encode() + _RUN_LINES.encode())
     if encoding == "base85":
-        return (b"import base64,lzma,linecache\n"
-                + b's=lzma.decompress(base64.b85decode("' + base64.b85encode(stream) + b'"),'
-                + call.encode() + _RUN_LINES.encode())
+        return (f"import base64,{module},linecache\n".encode()
+                + f's={module}.decompress(base64.b85decode("'.encode() + base64.b85encode(stream) + b'")'
+                + tail.encode() + _RUN_LINES.encode())
     raise ValueError(f"unknown encoding {encoding!r} (latin1 or base85)")
 
 
@@ -336,14 +381,16 @@ def _eval_filters(node: ast.expr) -> list:
     return ast.literal_eval(Names().visit(node))
 
 
-def unwrap(packed: bytes) -> tuple[bytes, list]:
-    """(stream, filters) read back from a packed file's text, the way Python reads it."""
+def unwrap(packed: bytes) -> tuple[bytes, list | None]:
+    """(stream, filters) read back from a packed file's text, the way Python reads it; filters is
+    None for a brotli stream."""
     tree = ast.parse(packed)  # honours the coding declaration, like the interpreter
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "decompress":
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "decompress"
+                and isinstance(node.func.value, ast.Name) and node.func.value.id in CODECS):
             break
     else:
-        raise PackError("no lzma.decompress(...) call in the packed file")
+        raise PackError("no lzma.decompress(...) or brotli.decompress(...) call in the packed file")
     data = node.args[0]
     if (isinstance(data, ast.Call) and isinstance(data.func, ast.Attribute) and data.func.attr == "encode"
             and isinstance(data.func.value, ast.Constant) and isinstance(data.func.value.value, str)):
@@ -353,6 +400,8 @@ def unwrap(packed: bytes) -> tuple[bytes, list]:
         stream = base64.b85decode(data.args[0].value)
     else:
         raise PackError(f"unrecognised payload expression: {ast.unparse(data)[:80]}")
+    if node.func.value.id == "brotli":
+        return stream, None
     if ast.unparse(node.args[1]) != "lzma.FORMAT_RAW":
         raise PackError(f"payload format is {ast.unparse(node.args[1])}, expected lzma.FORMAT_RAW")
     filters = _eval_filters(next(k.value for k in node.keywords if k.arg == "filters"))
@@ -361,8 +410,83 @@ def unwrap(packed: bytes) -> tuple[bytes, list]:
 
 def unpack(packed: bytes) -> bytes:
     """The source a packed file runs."""
-    stream, filters = unwrap(packed)
-    return lzma.decompress(stream, format=lzma.FORMAT_RAW, filters=filters)
+    return decompress_stream(*unwrap(packed))
+
+
+def packed_for(source: bytes) -> tuple[str, dict]:
+    """(PACKED_FOR, PINNED) of a source (a packed file's payload): ('', {}) when not specialised."""
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id in ("PACKED_FOR", "PINNED"):
+                    found[t.id] = ast.literal_eval(node.value)
+    return found.get("PACKED_FOR", ""), found.get("PINNED", {})
+
+
+# -----------------------------------------------------------------------------
+# SPECIALISE
+# The packed file holds only the code of one preset's switches (specialise.py does it on the
+# syntax tree); the preset is read as the readable file reads its environment.
+# -----------------------------------------------------------------------------
+
+RECORD_DEFAULTS = "the record's defaults"  # PACKED_FOR of a pack without --preset
+
+
+def load_source_module(source: str, filename: str):
+    """The readable source as a fresh module (importing it has no side effects: tested), so that its
+    own settings table and parsing read the preset."""
+    import types
+
+    name = f"_packing_{Path(filename).stem}"
+    module = types.ModuleType(name)
+    module.__file__ = filename
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    try:
+        exec(compile(source, filename, "exec"), module.__dict__)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def preset_pins(source: str, preset: str | None, filename: str = "train_gpt.py") -> dict:
+    """What specialise() substitutes for this preset (None: the record's defaults): every choice,
+    and the switches the preset leaves off. A preset key that is no setting but resembles one is
+    refused, as a value its setting cannot parse."""
+    from specialise import SpecialiseError, read_preset, substituted, switch_fields
+
+    try:
+        fields = switch_fields(ast.parse(source))
+    except SpecialiseError as e:
+        raise PackError(f"{filename} cannot be specialised ({e}); pack it whole with --every-switch") from None
+    env = {}
+    if preset is not None:
+        try:
+            env = read_preset(preset)
+        except (OSError, ValueError) as e:
+            raise PackError(f"--preset {preset}: {e}") from None
+    module = load_source_module(source, filename)
+    misspelt = module.misspelt_settings(env)
+    if misspelt:
+        raise PackError(f"--preset {preset}: " + "; ".join(misspelt))
+    try:
+        values = {name: default for name, _, default in module.HPARAMS}
+        values.update(module.env_settings(env))
+    except ValueError as e:
+        raise PackError(f"--preset {preset}: {e}") from None
+    return substituted({k: kind for k, (kind, _) in fields.items()}, {k: values[k] for k in fields})
+
+
+def specialise_source(source: bytes, preset: str | None, filename: str = "train_gpt.py"):
+    """The Specialised result (source, pins, removed definitions) of the readable source."""
+    from specialise import SpecialiseError, specialise
+
+    text = source.decode("utf-8")
+    try:
+        return specialise(text, preset_pins(text, preset, filename), preset or RECORD_DEFAULTS)
+    except SpecialiseError as e:
+        raise PackError(f"{filename}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -377,29 +501,31 @@ class Packed:
 
     @property
     def overhead(self) -> float:
-        """Bytes of the packed file over the raw LZMA stream, as a fraction of the stream."""
+        """Bytes of the packed file over the compressed stream, as a fraction of the stream."""
         return (len(self.wrapped) - len(self.stream)) / len(self.stream)
 
     def report(self, out: str) -> str:
         r, m, s, w = len(self.raw), len(self.minified), len(self.stream), len(self.wrapped)
+        codec = "brotli" if self.enc.get("codec") == "brotli" else "lzma"
         return "\n".join([
-            f"raw        {r:>9,} B",
-            f"minified   {m:>9,} B  ({100 * m / r:.1f}% of raw; python-minifier {minifier_version()})",
-            f"lzma       {s:>9,} B  ({describe_filter(self.enc)})",
-            f"wrapped    {w:>9,} B  {out}  ({self.encoding}; +{100 * self.overhead:.2f}% over the raw stream)",
+            f"source     {r:>9,} B",
+            f"minified   {m:>9,} B  ({100 * m / r:.1f}% of the source; python-minifier {minifier_version()})",
+            f"{codec:<10} {s:>9,} B  ({describe_filter(self.enc)})",
+            f"wrapped    {w:>9,} B  {out}  ({self.encoding}; +{100 * self.overhead:.2f}% over the stream)",
         ])
 
 
-def pack_source(source: bytes, encoding: str = "latin1", filename: str = "train_gpt.py") -> Packed:
+def pack_source(source: bytes, encoding: str = "latin1", filename: str = "train_gpt.py",
+                codec: str = "brotli", keep_names: bool = False) -> Packed:
     """Minify, compress and wrap `source`, then prove the wrapper gives the minified text back."""
     text = source.decode("utf-8")
     compile(text, filename, "exec")
-    minified_text = minify_source(text, filename)
+    minified_text = minify_source(text, filename, keep_names)
     compile(minified_text, filename, "exec")
-    check_interface(text, minified_text)
+    check_interface(text, minified_text, globals_renamed=not keep_names)
     minified = minified_text.encode("utf-8")
-    stream, enc = compress(minified)
-    wrapped = wrap(stream, decoder_filter(enc), encoding)
+    stream, enc = compress(minified, codec)
+    wrapped = wrap(stream, None if codec == "brotli" else decoder_filter(enc), encoding)
     compile(wrapped, filename, "exec")
     if unpack(wrapped) != minified:
         raise PackError("the payload read back from the packed text differs from the minified source")
@@ -437,34 +563,71 @@ def budget_report(code_bytes: int, blob: tuple[int, str] | None) -> tuple[str, b
             f"{abs(SIZE_LIMIT_BYTES - total):,} B"), ok
 
 
-def measure(source: bytes) -> str:
-    """Table of what each minifier option and LZMA setting costs on `source`."""
+def measure_pins(source: bytes, preset: str | None, filename: str = "train_gpt.py") -> list[str]:
+    """What each pin of the preset saves: the compressed size with that setting left free (its
+    code back in) less the size with every pin, and the definitions it alone removes."""
+    from specialise import specialise
+
+    text = source.decode("utf-8")
+    pins = preset_pins(text, preset, filename)
+    label = preset or RECORD_DEFAULTS
+
+    def size(spec) -> int:
+        return len(compress(minify_source(spec.source, filename).encode("utf-8"))[0])
+
+    full = specialise(text, pins, label)
+    base = size(full)
+    unspecialised = len(compress(minify_source(text, filename).encode("utf-8"))[0])
+    lines = [f"specialised to {label}: {base:,} B of brotli stream (every switch: {unspecialised:,} B, so "
+             f"{unspecialised - base:,} B saved); {len(full.pinned)} settings pinned, {len(full.removed)} definitions "
+             "removed; what each pin saves:"]
+    rows = []
+    for name in full.pinned:
+        alone = specialise(text, {k: v for k, v in pins.items() if k != name}, label)
+        gone = [r for r in full.removed if r not in alone.removed]
+        rows.append((size(alone) - base, name, gone))
+    for saved, name, gone in sorted(rows, key=lambda r: (-r[0], r[1])):
+        lines.append(f"  {name.upper()}={pins[name]!r}: {saved:,} B" + (f"  (removes {', '.join(gone)})" if gone else ""))
+    return lines
+
+
+def measure(source: bytes, preset: str | None = None, every_switch: bool = False,
+            filename: str = "train_gpt.py") -> str:
+    """What the specialisation, each minifier option and each codec setting cost on `source`."""
+    lines = []
+    if not every_switch:
+        lines += measure_pins(source, preset, filename)
+        source = specialise_source(source, preset, filename).source.encode("utf-8")
     text = source.decode("utf-8")
 
     def packed_size(**overrides) -> tuple[int, int]:
         m = minify_source(text, **overrides).encode("utf-8")
         return len(m), len(compress(m)[0])
 
-    lines = [f"raw {len(source):,} B; readable source through LZMA: {len(compress(source)[0]):,} B"]
+    lines.append(f"source {len(source):,} B; straight through brotli: {len(compress(source)[0]):,} B")
     base = packed_size()
-    lines.append(f"chosen options: minified {base[0]:,} B, lzma (lc=3 pb=0) {base[1]:,} B")
+    lines.append(f"chosen options: minified {base[0]:,} B, brotli {base[1]:,} B")
     flips = dict((k, not v) for k, v in MINIFY_FLAGS.items())
     flips["remove_annotations"] = True  # class-body annotations too
     for key, value in flips.items():
         m, c = packed_size(**{key: value})
-        lines.append(f"  {key}={value}: minified {m - base[0]:+,} B, lzma {c - base[1]:+,} B")
+        lines.append(f"  {key}={value}: minified {m - base[0]:+,} B, brotli {c - base[1]:+,} B")
     m, c = packed_size(remove_annotations=False)
-    lines.append(f"  remove_annotations=False: minified {m - base[0]:+,} B, lzma {c - base[1]:+,} B")
+    lines.append(f"  remove_annotations=False: minified {m - base[0]:+,} B, brotli {c - base[1]:+,} B")
     minified = minify_source(text).encode("utf-8")
-    lines.append("lzma on the minified source:")
+    stream, enc = compress(minified, "lzma")
+    lines.append(f"codecs on the minified source: brotli {len(compress(minified)[0]):,} B "
+                 f"({describe_filter(compress(minified)[1])}); lzma {len(stream):,} B ({describe_filter(enc)})")
+    lines.append("lzma literal/position settings:")
     for lc, pb in LC_PB_GRID:
         lines.append(f"  lc={lc} pb={pb}: {len(lzma_raw(minified, encoder_filter(len(minified), lc, pb))):,} B")
-    stream, enc = compress(minified)
-    lines.append(f"  used: {len(stream):,} B ({describe_filter(enc)})")
     lines.append(f"  .xz container preset 9e: {len(lzma.compress(minified, preset=9 | lzma.PRESET_EXTREME)):,} B")
-    for encoding in ("latin1", "base85"):
-        w = wrap(stream, decoder_filter(enc), encoding)
-        lines.append(f"wrapped {encoding}: {len(w):,} B (+{100 * (len(w) - len(stream)) / len(stream):.2f}% over the stream)")
+    for codec in CODECS:
+        stream, enc = compress(minified, codec)
+        for encoding in ("latin1", "base85"):
+            w = wrap(stream, None if codec == "brotli" else decoder_filter(enc), encoding)
+            lines.append(f"wrapped {codec} {encoding}: {len(w):,} B "
+                         f"(+{100 * (len(w) - len(stream)) / len(stream):.2f}% over the stream)")
     return "\n".join(lines)
 
 
@@ -478,19 +641,36 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default="train_gpt.py", help="readable source (default train_gpt.py)")
     ap.add_argument("--out", default="build/train_gpt.py", help="packed file (default build/train_gpt.py)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--preset", metavar="FILE",
+                       help="KEY=VALUE settings to specialise to (default: the record's defaults)")
+    which.add_argument("--every-switch", action="store_true",
+                       help="pack every switch's code, specialised to nothing (larger; no settings pinned)")
     ap.add_argument("--encoding", choices=("latin1", "base85"), default="latin1")
+    ap.add_argument("--codec", choices=CODECS, default="brotli")
+    ap.add_argument("--keep-names", action="store_true",
+                    help="keep module-level names (larger), so that the packed file imports as the readable one")
     ap.add_argument("--artifact", help="model blob whose size counts against the budget")
     ap.add_argument("--logs", nargs="+", metavar="PATH",
                     help="training logs or folders of them (default logs/), for the largest model blob")
-    ap.add_argument("--measure", action="store_true", help="print what each option costs; write nothing")
+    ap.add_argument("--measure", action="store_true", help="print what each pin and option costs; write nothing")
     args = ap.parse_args(argv)
     try:
         source = Path(args.src).read_bytes()
+        filename = Path(args.src).name
         if args.measure:
-            print(measure(source))
+            print(measure(source, args.preset, args.every_switch, filename))
             return 0
-        result = pack_source(source, args.encoding, Path(args.src).name)
+        spec = None
+        if not args.every_switch:
+            spec = specialise_source(source, args.preset, filename)
+            source = spec.source.encode("utf-8")
+        result = pack_source(source, args.encoding, filename, args.codec, args.keep_names)
         atomic_write(args.out, result.wrapped)
+        if spec is not None:
+            pins = " ".join(f"{k.upper()}={v!r}" for k, v in spec.pinned.items())
+            print(f"specialised to {args.preset or RECORD_DEFAULTS}: pinned {pins or 'nothing'}; "
+                  f"removed {len(spec.removed)} definitions")
         print(result.report(args.out))
         if args.artifact:
             if not os.path.isfile(args.artifact):

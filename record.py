@@ -29,7 +29,8 @@ from scipy import stats as scipy_stats
 
 from logformat import (PATH_HPARAMS, QUANTIZED_STAGES, RUN_HPARAMS, SIZE_LIMIT_BYTES, STAGES, LogError, found_logs,
                        parse_log)
-from pack import PackError, minify_source, pack_source, sha256, unpack
+from pack import (RECORD_DEFAULTS, PackError, minify_source, pack_source, packed_for, sha256, specialise_source,
+                  unpack)
 from train_gpt import atomic_write
 
 ROOT = Path(__file__).resolve().parent
@@ -218,6 +219,14 @@ def _ms(x) -> str:
     return "—" if x is None else f"{x / 1000:.1f} s"
 
 
+def repack_command(packed_for: str | None) -> str:
+    """The pack.py command that rebuilds a packed file from its readable source."""
+    command = "python pack.py --src train_gpt_readable.py --out train_gpt.py"
+    if packed_for is None:
+        return command + " --every-switch"
+    return command if packed_for == RECORD_DEFAULTS else f"{command} --preset {packed_for}"
+
+
 def readme(name: str, date: str, summary: dict, packed: bool) -> str:
     runs, sig = summary["runs"], summary["significance"]
     stages = [s for s in STAGES.values() if any(s in r["stages"] for r in runs)]
@@ -252,11 +261,18 @@ def readme(name: str, date: str, summary: dict, packed: bool) -> str:
         lines.append(f"- significant at alpha {ALPHA}: {sig['significant']}")
     if sig.get("note"):
         lines.append(f"- note: {sig['note']}")
-    lines += ["", "## Files", "",
-              f"- `train_gpt.py`: the file that ran ({'packed: LZMA-compressed, self-extracting' if packed else 'readable'}, "
-              f"{summary['bytes_code']:,} bytes, sha256 `{summary['code_sha256']}`)"]
+    what = "readable"
     if packed:
-        lines.append("- `train_gpt_readable.py`: the readable source it was packed from (`python pack.py` rebuilds it)")
+        pins = ", ".join(f"`{k.upper()}={v!r}`" for k, v in summary.get("code_pins", {}).items())
+        what = ("packed: compressed and self-extracting, "
+                + (f"specialised to {summary['code_packed_for']}, so it holds only the code of those settings and "
+                   f"refuses other values of {pins}" if summary.get("code_packed_for") else "every switch included"))
+    lines += ["", "## Files", "",
+              f"- `train_gpt.py`: the file that ran ({what}; {summary['bytes_code']:,} bytes, "
+              f"sha256 `{summary['code_sha256']}`)"]
+    if packed:
+        lines.append(f"- `train_gpt_readable.py`: the readable source it was packed from "
+                     f"(`{repack_command(summary.get('code_packed_for'))}` rebuilds it)")
     lines += ["- `submission.json`: every number above, per seed", "- `train_seed*.log`: the training logs",
               "", "## Settings", "", "Shared by every run (SEED and paths aside):", "", "```"]
     lines += [f"{k}={v}" for k, v in summary["hparams"].items()]
@@ -267,8 +283,9 @@ def readme(name: str, date: str, summary: dict, packed: bool) -> str:
     return "\n".join(lines)
 
 
-def find_shipped_code(sha: str, src: Path, packed_path: Path) -> tuple[bytes, bool]:
-    """(bytes of the file whose sha256 the logs carry, whether it is a packed file)."""
+def find_shipped_code(sha: str, src: Path, packed_path: Path, preset: str | None = None) -> tuple[bytes, bool]:
+    """(bytes of the file whose sha256 the logs carry, whether it is a packed file). `preset`: what
+    `src packed now` is specialised to (None: the record's defaults, as `python pack.py`)."""
     tried = []
     if packed_path.is_file():
         data = packed_path.read_bytes()
@@ -280,30 +297,50 @@ def find_shipped_code(sha: str, src: Path, packed_path: Path) -> tuple[bytes, bo
         tried.append(f"{src} {sha256(data)}")
         if sha256(data) == sha:
             return data, False
-        fresh = pack_source(data, filename=src.name).wrapped
-        tried.append(f"{src} packed now {sha256(fresh)}")
-        if sha256(fresh) == sha:
-            return fresh, True
+        try:
+            fresh = pack_source(specialise_source(data, preset, src.name).source.encode(), filename=src.name).wrapped
+        except PackError as e:
+            tried.append(f"{src} packed now: {e}")
+        else:
+            tried.append(f"{src} packed now {sha256(fresh)}")
+            if sha256(fresh) == sha:
+                return fresh, True
     raise RecordError(f"no file matches the logs' code_sha256 {sha}: tried " + "; ".join(tried or ["nothing"]))
 
 
+def check_packed_from(code: bytes, readable: bytes, src: Path, packed_path: Path) -> tuple[str, dict]:
+    """(what the packed file was specialised to, its pins), once the readable source is proven to
+    be what it was packed from: specialised again with the pins the packed file states, and
+    minified, it must be the packed payload byte for byte."""
+    payload = unpack(code)
+    preset, pins = packed_for(payload)
+    text = readable.decode("utf-8")
+    if preset:
+        from specialise import specialise
+
+        text = specialise(text, pins, preset).source
+    if payload != minify_source(text, src.name).encode("utf-8"):
+        raise RecordError(f"{packed_path} was not packed from the current {src} (edited since?): "
+                          "the readable copy would not match the file that ran")
+    return preset, pins
+
+
 def build_record(name: str, log_paths: list[Path], src: Path, packed_path: Path, out_dir: Path, date: str,
-                 baseline_bpb: float | None, baseline_loss: float | None, force: bool = False) -> Path:
+                 baseline_bpb: float | None, baseline_loss: float | None, force: bool = False,
+                 preset: str | None = None) -> Path:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
         raise RecordError(f"record name {name!r}: use letters, digits, '.', '_', '+', '-'")
     logs = [parse_log(p) for p in log_paths]
     for log in logs:
         check_record_time(log)
     summary = summarize(logs, baseline_bpb, baseline_loss)
-    code, packed = find_shipped_code(summary["code_sha256"], src, packed_path)
+    code, packed = find_shipped_code(summary["code_sha256"], src, packed_path, preset)
     readable = src.read_bytes() if packed else code
-    if packed and unpack(code) != minify_source(readable.decode("utf-8"), src.name).encode("utf-8"):
-        raise RecordError(f"{packed_path} was not packed from the current {src} (edited since?): "
-                        "the readable copy would not match the file that ran")
+    specialised_for, pins = check_packed_from(code, readable, src, packed_path) if packed else ("", {})
     folder = out_dir / f"{date}_{name}"
     if folder.exists() and not force:
         raise RecordError(f"{folder} exists; pass --force to replace it")
-    record = {"name": name, "date": date, **summary}
+    record = {"name": name, "date": date, **summary, "code_packed_for": specialised_for or None, "code_pins": pins}
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{folder.name}."))
     try:
@@ -316,7 +353,7 @@ def build_record(name: str, log_paths: list[Path], src: Path, packed_path: Path,
         for run in record["runs"]:
             run["log"] = f"train_seed{run['seed']}.log"
         (tmp / "submission.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(readme(name, date, summary, packed), encoding="utf-8")
+        (tmp / "README.md").write_text(readme(name, date, record, packed), encoding="utf-8")
         requirements = ROOT / "requirements.txt"
         if requirements.is_file():
             shutil.copyfile(requirements, tmp / "requirements.txt")
@@ -343,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-json", default="submission.json", help="--summary's output (default submission.json)")
     ap.add_argument("--src", default="train_gpt.py", help="readable source (default train_gpt.py)")
     ap.add_argument("--out", default="build/train_gpt.py", help="packed file (default build/train_gpt.py)")
+    ap.add_argument("--preset", metavar="FILE", help="what --src is specialised to when packed now, if --out is "
+                    "not the file that ran (default: the record's defaults, as python pack.py)")
     ap.add_argument("--baseline-bpb", type=lambda v: None if v.lower() == "none" else float(v), default=1.07882,
                     help="val_bpb to beat (default 1.07882, the record); 'none' for logs of another data set")
     ap.add_argument("--baseline-loss", type=float, help="val_loss to beat, in nats (else converted from bpb)")
@@ -357,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.logs:
                 ap.error("--record needs --logs LOG1 LOG2 ...")
             folder = build_record(args.record, found_logs(args.logs), Path(args.src), Path(args.out),
-                                  Path(args.out_dir), args.date, args.baseline_bpb, args.baseline_loss, args.force)
+                                  Path(args.out_dir), args.date, args.baseline_bpb, args.baseline_loss, args.force,
+                                  args.preset)
             s = json.loads((folder / "submission.json").read_text())
             print(f"wrote {folder}: val_bpb {s['val_bpb']:.5f} over {s['n_seeds']} seed(s), "
                   f"t-test p = {s['significance'].get('t_test', {}).get('p_value')}")

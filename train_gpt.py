@@ -45,6 +45,25 @@ from torch import Tensor, nn
 
 SIZE_LIMIT_BYTES = 16_000_000
 
+
+def switch(default):
+    """A setting that turns code on: off when False, 0, '' or None. `pack.py --preset FILE` leaves
+    the code of the switches FILE has off out of the packed file, and pins them off (PINNED)."""
+    return dataclasses.field(default=default, metadata={"switch": True})
+
+
+def choice(default: str, *others: str):
+    """A setting that chooses between code paths: validate() accepts these values alone, and
+    `pack.py --preset FILE` keeps only the code of FILE's value, and pins it (PINNED)."""
+    return dataclasses.field(default=default, metadata={"choices": (default, *others)})
+
+
+# `PINNED`: {setting: value} of a packed file specialised by `pack.py --preset` (PACKED_FOR names
+# the preset): it holds no code for other values, so validate() refuses them. Empty here.
+PINNED: dict = {}
+PACKED_FOR = ""
+
+
 @dataclasses.dataclass
 class Hyperparameters:
     """Settings for one run. Hyperparameters() is the record's defaults; from_env() reads the
@@ -56,13 +75,13 @@ class Hyperparameters:
     tokenizer_path: str = ""  # default: DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model
     run_id: str = ""  # default: a fresh uuid4
     seed: int = 1337  # torch.manual_seed at the start of the run (initialisation)
-    init_state: str = ""  # a saved state dict to start from instead of the initialisation
+    init_state: str = switch("")  # a saved state dict to start from instead of the initialisation
     eval_only: bool = False  # skip training: evaluate the artifact at QUANTIZED_MODEL_PATH
     quantized_model_path: str = "final_model.int6.ptz"  # where the artifact is written (or read, with EVAL_ONLY=1)
     compile: bool | None = None  # default: on for CUDA, off for CPU
-    gptq_hessian_all_ranks: bool = False  # 1: average every rank's Hessians (the record: rank 0's alone)
-    fused_ce: bool = False  # Triton soft-capped cross-entropy (KERNELS)
-    fused_mlp: bool = False  # Triton LeakyReLU(0.5)^2 MLP activation (KERNELS)
+    gptq_hessian_all_ranks: bool = switch(False)  # 1: average every rank's Hessians (the record: rank 0's alone)
+    fused_ce: bool = switch(False)  # Triton soft-capped cross-entropy (KERNELS)
+    fused_mlp: bool = switch(False)  # Triton LeakyReLU(0.5)^2 MLP activation (KERNELS)
     # model
     vocab_size: int = 8192  # SentencePiece vocabulary (SP8192)
     num_layers: int = 11  # physical transformer blocks
@@ -74,21 +93,21 @@ class Hyperparameters:
     rope_base: float = 10000.0  # rotary frequency base
     rope_dims: int = 16  # leading dimensions of each head that get rotary embedding
     qk_gain_init: float = 5.0  # initial per-head query gain
-    ln_scale: bool = True  # block i's normalised attention and MLP inputs scaled by 1/sqrt(i + 1)
+    ln_scale: bool = switch(True)  # block i's normalised attention and MLP inputs scaled by 1/sqrt(i + 1)
     xsa_last_n: int = 11  # the last N blocks use XSA attention
     parallel_residual_start: int = 7  # blocks from this index run attention and MLP in parallel
     loop_start: int = 3  # first block of the looped range
     loop_end: int = 5  # last block of the looped range (inclusive)
-    num_loops: int = 2  # extra passes over LOOP_START..LOOP_END once looping is on (0: none)
+    num_loops: int = switch(2)  # extra passes over LOOP_START..LOOP_END once looping is on (0: none)
     enable_looping_at: float = 0.35  # training fraction at which looping turns on
-    bigram_vocab_size: int = 16384  # BigramHash buckets (the last is position 0's)
+    bigram_vocab_size: int = switch(16384)  # BigramHash buckets (the last is position 0's)
     bigram_dim: int = 32  # BigramHash embedding width
-    bigram_train_embed: bool = False  # 1: bigram.embed trains with the token embedding (the record: never updated)
-    gate_attn_out: bool = True  # a learned per-head gate on the attention output
+    bigram_train_embed: bool = switch(False)  # 1: bigram.embed trains with the token embedding (the record: never updated)
+    gate_attn_out: bool = switch(True)  # a learned per-head gate on the attention output
     gate_width: int = 12  # input dimensions the attention gate reads
-    smear_gate: bool = True  # SmearGate: mix each position with the previous one
+    smear_gate: bool = switch(True)  # SmearGate: mix each position with the previous one
     smear_gate_width: int = 12  # input dimensions the SmearGate reads
-    smear_mask_bos: bool = False  # 1: SmearGate takes nothing across a document start
+    smear_mask_bos: bool = switch(False)  # 1: SmearGate takes nothing across a document start
     tied_embed_init_std: float = 0.005  # std of the tied embedding's normal initialisation
     # training
     iterations: int = 20000  # training steps, unless the wall clock stops it first
@@ -109,7 +128,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0
     muon_momentum_warmup_steps: int = 1500  # steps of the linear momentum warm-up
     muon_backend_steps: int = 5  # Newton-Schulz iterations
-    muon_row_normalize: bool = True  # normalise each row of the update before Newton-Schulz (MuonEq-R)
+    muon_row_normalize: bool = switch(True)  # normalise each row of the update before Newton-Schulz (MuonEq-R)
     muon_wd: float = 0.095  # Muon decoupled weight decay
     embed_wd: float = 0.085  # AdamW weight decay of the tied embedding
     adam_wd: float = 0.02  # AdamW weight decay of the control tensors
@@ -124,13 +143,13 @@ class Hyperparameters:
     matrix_clip_sigmas: float = 12.85  # SDClip width of the block matrices, in row standard deviations
     embed_bits: int = 8  # bit width of the GPTQ token embedding
     embed_clip_sigmas: float = 20.0  # SDClip width of the token embedding
-    attn_clip_sigmas: float | None = None  # unset: MATRIX_CLIP_SIGMAS for c_q/c_k/c_v/proj
-    mlp_clip_sigmas: float | None = None  # unset: MATRIX_CLIP_SIGMAS for mlp.fc/proj
-    lqer_top_k: int = 0  # 0: off; else low-rank error correction of the k worst GPTQ matrices
+    attn_clip_sigmas: float | None = switch(None)  # unset: MATRIX_CLIP_SIGMAS for c_q/c_k/c_v/proj
+    mlp_clip_sigmas: float | None = switch(None)  # unset: MATRIX_CLIP_SIGMAS for mlp.fc/proj
+    lqer_top_k: int = switch(0)  # 0: off; else low-rank error correction of the k worst GPTQ matrices
     lqer_rank: int = 4  # rank of each LQER correction
     lqer_group: int = 64  # values per fp16 scale of the int4 factor B
-    muon_ns_coeffs: str = "record"  # Newton-Schulz schedule: record (one quintic) or polar
-    compressor: str = "brotli"  # brotli or lzma (one stream, as the record) or family
+    muon_ns_coeffs: str = choice("record", "polar")  # Newton-Schulz schedule: record (one quintic) or polar
+    compressor: str = choice("brotli", "lzma", "family")  # brotli or lzma (one stream, as the record) or family
     size_limit_bytes: int = SIZE_LIMIT_BYTES  # the budget this run checks its code + artifact against
     # Longest a rank waits for the others (rank 0's GPTQ and compression is the longest
     # legitimate wait); past it a stopped or dead peer fails the run instead of hanging it.
@@ -139,8 +158,8 @@ class Hyperparameters:
     eval_seq_len: int = 2048  # evaluation window length
     eval_stride: int = 64  # sliding-window step; each window scores its last EVAL_STRIDE targets
     eval_batch_seqs: int = 32  # windows per evaluation batch
-    sliding_window_enabled: bool = True  # run the sliding-window evaluation
-    ttt_enabled: bool = True  # run score-first test-time training
+    sliding_window_enabled: bool = switch(True)  # run the sliding-window evaluation
+    ttt_enabled: bool = switch(True)  # run score-first test-time training
     ttt_lr: float = 0.005  # TTT SGD learning rate (cosine over chunks)
     ttt_epochs: int = 3  # passes over each scored chunk
     ttt_momentum: float = 0.9  # TTT SGD momentum
@@ -151,19 +170,11 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> Hyperparameters:
         """Each setting from its upper-case variable in `environ`; keyword overrides win."""
-        known = {name.upper(): (name, typ) for name, typ, _ in HPARAMS}
-        for key, (name, typ) in known.items():
-            if key in environ and name not in overrides:
-                overrides[name] = _parse_env(key, typ, environ[key])
-        unknown = sorted(set(overrides) - {name for name, _ in known.values()})
+        unknown = sorted(set(overrides) - {name for name, _, _ in HPARAMS})
         if unknown:
             raise TypeError(f"unknown Hyperparameters: {unknown}")
-        h = cls(**overrides)
-        # A misspelt setting (NUM_LAYER=3) would be silently ignored: name the setting it resembles.
-        h.env_warnings = [
-            f"environment variable {k}={environ[k]!r} is not a setting; did you mean {close[0]}?"
-            for k in sorted(environ) if k not in known
-            for close in [difflib.get_close_matches(k, list(known), n=1, cutoff=0.8)] if close]
+        h = cls(**{**env_settings(environ), **overrides})
+        h.env_warnings = misspelt_settings(environ)
         return h
 
     def __post_init__(self) -> None:
@@ -186,6 +197,12 @@ class Hyperparameters:
 
     def validate(self) -> None:
         h = self
+        for name, value in PINNED.items():
+            if getattr(h, name) != value:
+                raise ValueError(
+                    f"{name.upper()}={getattr(h, name)!r}: this file was packed (for {PACKED_FOR}) with "
+                    f"{name.upper()}={value!r} and holds no code for other values; run the readable train_gpt.py, "
+                    f"or pack a preset that sets {name.upper()}: python pack.py --preset FILE")
         if h.grad_accum_steps < 0:
             raise ValueError(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must be >= 1 (0: 8 // WORLD_SIZE)")
         # Zero or negative, these divide by zero, loop forever or train forever at lr 0.
@@ -230,19 +247,18 @@ class Hyperparameters:
                 f"and EVAL_SEQ_LEN={h.eval_seq_len}, or a scored window would straddle two chunks")
         if h.ttt_enabled and not h.sliding_window_enabled:
             raise ValueError("TTT_ENABLED=1 needs SLIDING_WINDOW_ENABLED=1 (TTT scores through sliding windows)")
-        if h.compressor not in ("brotli", "lzma", "family"):
-            raise ValueError(f"COMPRESSOR={h.compressor!r} must be 'brotli', 'lzma' or 'family'")
         for name in ("matrix_bits", "embed_bits"):
             if not 2 <= getattr(h, name) <= 8:
                 raise ValueError(f"{name.upper()}={getattr(h, name)} must be in 2..8 (stored as int8)")
         for name in ("matrix_clip_sigmas", "embed_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas"):
             if getattr(h, name) is not None and not getattr(h, name) > 0:
                 raise ValueError(f"{name.upper()}={getattr(h, name)} must be > 0")
-        if h.lqer_top_k < 0 or h.lqer_rank < 1 or h.lqer_group < 1:
+        if h.lqer_top_k < 0 or (h.lqer_top_k and (h.lqer_rank < 1 or h.lqer_group < 1)):
             raise ValueError(f"LQER_TOP_K={h.lqer_top_k} must be >= 0, LQER_RANK={h.lqer_rank} and "
                              f"LQER_GROUP={h.lqer_group} >= 1")
-        if h.muon_ns_coeffs not in NS_SCHEDULES:
-            raise ValueError(f"MUON_NS_COEFFS={h.muon_ns_coeffs!r} must be one of {sorted(NS_SCHEDULES)}")
+        for f in dataclasses.fields(h):
+            if "choices" in f.metadata and getattr(h, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{f.name.upper()}={getattr(h, f.name)!r} must be one of {', '.join(f.metadata['choices'])}")
 
     def items(self):
         return [(name.upper(), getattr(self, name)) for name, _, _ in HPARAMS]
@@ -251,6 +267,20 @@ class Hyperparameters:
 # (name, type, default) of every setting, in field order: what tools and tests iterate.
 HPARAMS = tuple((f.name, {"str": str, "int": int, "float": float, "bool": bool}[f.type.split(" |")[0]], f.default)
                 for f in dataclasses.fields(Hyperparameters))
+
+
+def env_settings(environ) -> dict:
+    """{setting: value} of the settings `environ` has a variable for, parsed."""
+    return {name: _parse_env(name.upper(), typ, environ[name.upper()]) for name, typ, _ in HPARAMS
+            if name.upper() in environ}
+
+
+def misspelt_settings(environ) -> list[str]:
+    """A misspelt setting (NUM_LAYER=3) would be silently ignored: name the setting it resembles."""
+    known = [name.upper() for name, _, _ in HPARAMS]
+    return [f"environment variable {k}={environ[k]!r} is not a setting; did you mean {close[0]}?"
+            for k in sorted(environ) if k not in known
+            for close in [difflib.get_close_matches(k, known, n=1, cutoff=0.8)] if close]
 
 
 def _parse_env(name: str, typ: type, raw: str):
@@ -1656,9 +1686,12 @@ def quantize_state_dict(state: dict, hessians: dict, h: Hyperparameters) -> tupl
     return w, m
 
 
-def dequantize_state_dict(w: dict, m: dict) -> dict:
+def dequantize_state_dict(w: dict, m: dict, lqer: bool = True) -> dict:
     """Inverse of quantize_state_dict, driven by the keys present rather than the labels, so the
-    record's blobs read too (including its fp16 block matrices of small configs)."""
+    record's blobs read too (including its fp16 block matrices of small configs). lqer=False: a run
+    without LQER, which refuses a blob carrying corrections rather than dropping them."""
+    if not lqer and any(k.endswith(".lqer_a") for k in w):
+        raise ValueError("the blob carries LQER corrections, but this run has LQER_TOP_K=0: set LQER_TOP_K to read it")
     out = {}
     for name in m:
         if name + ".q_pt" in w:
@@ -1669,7 +1702,7 @@ def dequantize_state_dict(w: dict, m: dict) -> dict:
                 out[name] = q * scale.reshape(())
             else:
                 out[name] = q * scale.reshape(-1, *([1] * (q.ndim - 1)))
-            if name + ".lqer_a" in w:
+            if lqer and name + ".lqer_a" in w:
                 out[name] = out[name] + lqer_dequantize(w[name + ".lqer_a"], w[name + ".lqer_a_scale"],
                                                         w[name + ".lqer_b"], w[name + ".lqer_b_scale"], *q.shape)
         elif name in w:
@@ -1895,12 +1928,24 @@ def blob_compressor(head: bytes) -> str:
     return "lzma" if head.startswith(XZ_MAGIC) else "brotli"
 
 
-def decompress_blob(blob: bytes, source: str) -> tuple[dict, dict]:
-    compressor = blob_compressor(blob)
-    if compressor == "family":
+def check_blob_format(head: bytes, source: str, compressor: str) -> None:
+    found = blob_compressor(head)
+    if found != compressor:
+        raise ValueError(f"{source} was written with COMPRESSOR={found}, but this run has COMPRESSOR={compressor}: "
+                         f"set COMPRESSOR={found} to read it")
+
+
+def decompress_blob(blob: bytes, source: str, compressor: str | None = None) -> tuple[dict, dict]:
+    """(tensors, labels) of a blob. `compressor`: the run's COMPRESSOR, which must be the blob's (a run
+    reads with the settings that wrote its artifact, and a packed file holds only its preset's
+    reader); None reads any format."""
+    if compressor is not None:
+        check_blob_format(blob, source, compressor)
+    found = compressor or blob_compressor(blob)
+    if found == "family":
         return decompress_by_family(blob, source)
     try:
-        if compressor == "lzma":
+        if found == "lzma":
             raw = lzma.decompress(blob)
         else:
             import brotli
@@ -1983,9 +2028,9 @@ def load_quantized_model(h: Hyperparameters, rt: Runtime, path: str) -> GPT:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"quantized model not found: {path} (QUANTIZED_MODEL_PATH)")
     with open(path, "rb") as f:
-        w, m = decompress_blob(f.read(), path)
+        w, m = decompress_blob(f.read(), path, h.compressor)
     model = build_model(h, rt.device, rt.is_cuda)
-    load_into_model(model, dequantize_state_dict(w, m), path)
+    load_into_model(model, dequantize_state_dict(w, m, h.lqer_top_k > 0), path)
     return model.loop_as_trained()
 
 
@@ -2261,10 +2306,10 @@ def main() -> int:
         if not os.path.isfile(h.quantized_model_path):
             raise FileNotFoundError(f"EVAL_ONLY=1 but the artifact {h.quantized_model_path} does not exist")
         blob_bytes = os.path.getsize(h.quantized_model_path)
-        with open(h.quantized_model_path, "rb") as f:  # label the blob by what it is, not by COMPRESSOR
-            compressor = blob_compressor(f.read(16))
+        with open(h.quantized_model_path, "rb") as f:
+            check_blob_format(f.read(16), f"EVAL_ONLY=1: {h.quantized_model_path}", h.compressor)
         log(f"eval_only: {h.quantized_model_path}")
-        total = log_artifact_size(log, compressor, blob_bytes, len(code))
+        total = log_artifact_size(log, h.compressor, blob_bytes, len(code))
     else:
         model = build_model(h, rt.device, rt.is_cuda)
         if h.init_state:

@@ -281,28 +281,42 @@ def test_cpu_without_the_interpreter_is_refused(monkeypatch):
         tg.Runtime(h)
 
 
+# The packed file's module-level names are renamed: its config is found as the dataclass with a
+# fused_ce field, and the kernels through the torch ops they register (names that are strings).
 PACKED_CHECK = """
-import runpy, sys, torch, torch.nn.functional as F
+import dataclasses, runpy, sys, torch, torch.nn.functional as F
 ns = runpy.run_path(sys.argv[1], run_name="packed")
-ns["Hyperparameters"](vocab_size=300, num_loops=0, fused_ce=True, fused_mlp=True)
+config = next(v for v in ns.values() if dataclasses.is_dataclass(v) and "fused_ce" in {f.name for f in dataclasses.fields(v)})
+config(vocab_size=300, num_loops=0, fused_ce=True, fused_mlp=True)
 gen = torch.Generator().manual_seed(0)
 z, y, u = torch.randn(5, 300, generator=gen) * 8, torch.randint(0, 300, (5,), generator=gen), torch.randn(7, 9, generator=gen)
 ref = F.cross_entropy(30 * torch.tanh(z / 30), y, reduction="none")
-torch.testing.assert_close(ns["fused_softcap_cross_entropy"](z, y, 30.0), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-torch.testing.assert_close(ns["fused_leaky_relu_sq"](u), F.leaky_relu(u, 0.5).square(), rtol=0, atol=0)
+ops = torch.ops.train_gpt
+torch.testing.assert_close(ops.softcap_ce(z, y, 30.0)[0], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+torch.testing.assert_close(ops.leaky_relu_sq(u), F.leaky_relu(u, 0.5).square(), rtol=0, atol=0)
+z.requires_grad_(True)
+ops.softcap_ce(z, y, 30.0)[0].sum().backward()
+zr = z.detach().clone().requires_grad_(True)
+F.cross_entropy(30 * torch.tanh(zr / 30), y, reduction="sum").backward()
+torch.testing.assert_close(z.grad, zr.grad, rtol=1e-4, atol=1e-6)
 print("packed kernels ok")
 """
 
 
 def test_packed_script_keeps_the_kernels_working(tmp_path):
-    """Triton reads `tl.constexpr` from the kernels' argument annotations, so the packer must not
-    strip them: the packed file's kernels run and match the reference."""
+    """A file packed for a preset with both kernels on holds them, and Triton reads `tl.constexpr`
+    from the kernels' argument annotations, so the packer must not strip them: the packed file's
+    kernels run and match the reference."""
     import subprocess
 
     import pack
 
+    preset = tmp_path / "kernels.env"
+    preset.write_text("FUSED_CE=1\nFUSED_MLP=1\n")
+    spec = pack.specialise_source(Path(tg.__file__).read_bytes(), str(preset))
+    assert "fused_ce" not in spec.pinned and "fused_mlp" not in spec.pinned and "load_kernels" not in spec.removed
     packed = tmp_path / "train_gpt.py"
-    packed.write_bytes(pack.pack_source(Path(tg.__file__).read_bytes()).wrapped)
+    packed.write_bytes(pack.pack_source(spec.source.encode()).wrapped)
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", PACKED_CHECK, str(packed)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -339,7 +353,9 @@ def test_packer_keeps_only_the_annotations_that_are_read():
         "    @torch.library.custom_op('ns::op', mutates_args=())\n"
         "    def op(tensor_in: torch.Tensor, factor: float) -> torch.Tensor:\n        return tensor_in * factor\n"
     )
-    minified = pack.minify_source(src)
+    minified = pack.minify_source(src, keep_names=True)
     assert "def plain(width,*,scale=2.):" in minified
     assert "BLOCK_SIZE:tl.constexpr" in minified and "tl.arange(0,BLOCK_SIZE)" in minified
     assert "tensor_in:torch.Tensor,factor:float)->torch.Tensor" in minified
+    renamed = pack.minify_source(src)  # module-level names renamed, but `tl`: Triton reads "tl.constexpr"
+    assert "BLOCK_SIZE:tl.constexpr" in renamed and "import triton.language as tl" in renamed

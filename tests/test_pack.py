@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import logformat  # noqa: E402
 import pack  # noqa: E402
 import record  # noqa: E402
-from conftest import read_log, run_script  # noqa: E402
+from conftest import read_log, run_script, tiny_run_env  # noqa: E402
 
 SCRIPT = textwrap.dedent('''\
     """A small script in the style of train_gpt.py: minification removes this docstring."""
@@ -104,7 +104,7 @@ def packed_script(tmp_path_factory):
     src = d / "script.py"
     src.write_text(SCRIPT, encoding="utf-8")
     out = d / "build" / "script.py"
-    assert pack.main(["--src", str(src), "--out", str(out), "--logs", str(d / "no_logs")]) == 0
+    assert pack.main(["--src", str(src), "--out", str(out), "--logs", str(d / "no_logs"), "--every-switch"]) == 0
     return src, out
 
 
@@ -116,8 +116,9 @@ def test_payload_round_trip(packed_script):
     minified = pack.unpack(wrapped).decode()
     assert '"""A small script' not in minified and "Fields come from" not in minified
     assert "running_total" not in minified  # locals renamed
-    for kept in ("tok_emb", "blocks", "learning_rate:float", "LEARNING_RATE", "weighted_total", "scale"):
+    for kept in ("tok_emb", "blocks", "learning_rate:float", "LEARNING_RATE", "scale"):
         assert kept in minified
+    assert "weighted_total" not in minified and "Settings" not in minified  # module-level names renamed
 
 
 def test_packed_runs_like_readable(packed_script, tmp_path):
@@ -132,8 +133,10 @@ def test_packed_runs_like_readable(packed_script, tmp_path):
     assert readable[-2] == f"file {src.resolve()}"
 
 
-def test_packed_imports_as_module(packed_script):
-    _, out = packed_script
+def test_packed_imports_as_module_with_keep_names(packed_script, tmp_path):
+    src, _ = packed_script
+    out = tmp_path / "named.py"
+    assert pack.main(["--src", str(src), "--out", str(out), "--every-switch", "--keep-names"]) == 0
     spec = importlib.util.spec_from_file_location("packed_module", out)
     module = importlib.util.module_from_spec(spec)
     sys.modules["packed_module"] = module  # as `import` does; dataclasses look the module up
@@ -167,7 +170,7 @@ def test_packing_is_deterministic(packed_script, tmp_path):
     src, out = packed_script
     for seed in ("1", "2"):
         again = tmp_path / f"again{seed}.py"
-        subprocess.run([sys.executable, str(ROOT / "pack.py"), "--src", str(src), "--out", str(again)],
+        subprocess.run([sys.executable, str(ROOT / "pack.py"), "--src", str(src), "--out", str(again), "--every-switch"],
                        cwd=tmp_path, env={**os.environ, "PYTHONHASHSEED": seed}, check=True, capture_output=True)
         assert again.read_bytes() == out.read_bytes()
 
@@ -175,7 +178,7 @@ def test_packing_is_deterministic(packed_script, tmp_path):
 def test_base85_is_ascii_and_runs(packed_script, tmp_path):
     src, _ = packed_script
     out = tmp_path / "b85.py"
-    assert pack.main(["--src", str(src), "--out", str(out), "--encoding", "base85"]) == 0
+    assert pack.main(["--src", str(src), "--out", str(out), "--encoding", "base85", "--every-switch"]) == 0
     data = out.read_bytes()
     assert data.isascii()
     assert pack.unpack(data) == pack.minify_source(SCRIPT).encode()
@@ -197,12 +200,20 @@ def test_minifier_keeps_interface():
             return intermediate_value, os.environ.get("SOME_SETTING")
         ''')
     minified = pack.minify_source(source)
-    pack.check_interface(source, minified)
+    pack.check_interface(source, minified, globals_renamed=True)
+    assert "TABLE" not in minified and "helper" not in minified  # module-level names renamed
+    pack.check_interface(source, pack.minify_source(source, keep_names=True))
+    with pytest.raises(pack.PackError, match="module names"):  # a kept global may not change
+        pack.check_interface("PINNED = {}\n", "P = {}\n", globals_renamed=True)
     scope_a, scope_b = {}, {}
     exec(source, scope_a)
     exec(minified, scope_b)
-    assert scope_a["helper"](long_argument_name=3, x=1) == scope_b["helper"](long_argument_name=3, x=1)
-    assert scope_b["Block"]().forward(2, target_ids=1) == 3
+    # Renamed, the functions are found by what they are: the one taking long_argument_name, the class.
+    helper_b = next(v for v in scope_b.values() if callable(v) and "long_argument_name" in getattr(
+        getattr(v, "__code__", None), "co_varnames", ()))
+    block_b = next(v for v in scope_b.values() if isinstance(v, type) and hasattr(v, "forward"))
+    assert scope_a["helper"](long_argument_name=3, x=1) == helper_b(long_argument_name=3, x=1)
+    assert block_b().forward(2, target_ids=1) == 3
     with pytest.raises(pack.PackError, match="module names"):
         pack.check_interface(source, source.replace("TABLE", "T"))
     with pytest.raises(pack.PackError, match="attributes"):
@@ -216,13 +227,13 @@ def test_pack_cli_reports_sizes_and_budget(packed_script, tmp_path, capsys):
     (logs / "a.txt").write_text("Serialized model quantized+brotli: 15000000 bytes\n")
     (logs / "b.txt").write_text("x\nSerialized model quantized+lzma: 15999900 bytes\nSerialized model: 9 bytes\n")
     out = tmp_path / "p.py"
-    assert pack.main(["--src", str(src), "--out", str(out), "--logs", str(logs)]) == 3  # 15,999,900 + code
+    assert pack.main(["--src", str(src), "--out", str(out), "--logs", str(logs), "--every-switch"]) == 3  # 15,999,900 + code
     text = capsys.readouterr().out
-    for word in ("raw", "minified", "lzma", "wrapped", "over the raw stream", "OVER BUDGET", "b.txt"):
+    for word in ("source", "minified", "brotli", "wrapped", "over the stream", "OVER BUDGET", "b.txt"):
         assert word in text
     blob = tmp_path / "model.ptz"
     blob.write_bytes(b"\0" * 1000)
-    assert pack.main(["--src", str(src), "--out", str(out), "--artifact", str(blob)]) == 0
+    assert pack.main(["--src", str(src), "--out", str(out), "--artifact", str(blob), "--every-switch"]) == 0
     assert "margin" in capsys.readouterr().out
 
 
@@ -249,21 +260,25 @@ def test_latin1_literal_carries_bytes(payload):
 
 
 def test_wrapper_carries_raw_payloads():
-    dec = {"id": lzma.FILTER_LZMA2, "dict_size": 4096, "lc": 3, "lp": 0, "pb": 0}
+    lzma_filter = {"id": lzma.FILTER_LZMA2, "dict_size": 4096, "lc": 3, "lp": 0, "pb": 0}
     for payload in TRICKY + [random.Random(7).randbytes(20_000)]:
-        for encoding in ("latin1", "base85"):
-            stream, filters = pack.unwrap(pack.wrap(payload, dec, encoding))
-            assert stream == payload and filters == [dec]
+        for dec in (lzma_filter, None):  # None: a brotli stream
+            for encoding in ("latin1", "base85"):
+                stream, filters = pack.unwrap(pack.wrap(payload, dec, encoding))
+                assert stream == payload and filters == ([dec] if dec else None)
 
 
-def test_wrapper_through_lzma():
+@pytest.mark.parametrize("codec", pack.CODECS)
+def test_wrapper_through_each_codec(codec):
     rng = random.Random(3)
     for n in (0, 1, 100, 5000):
-        # text that makes LZMA emit plenty of every byte value
+        # text that makes the codec emit plenty of every byte value
         data = bytes(rng.choice(b'\x00\r\n\\"ab0') for _ in range(n)) + rng.randbytes(n)
-        stream, enc = pack.compress(data)
+        stream, enc = pack.compress(data, codec)
         for encoding in ("latin1", "base85"):
-            assert pack.unpack(pack.wrap(stream, pack.decoder_filter(enc), encoding)) == data
+            wrapped = pack.wrap(stream, None if codec == "brotli" else pack.decoder_filter(enc), encoding)
+            assert pack.unpack(wrapped) == data
+            assert f"import {'base64,' if encoding == 'base85' else ''}{codec},linecache".encode() in wrapped
 
 
 def test_overhead_within_five_percent():
@@ -457,32 +472,118 @@ def test_real_script_packs_within_overhead():
     assert len(result.wrapped) < len(result.raw) // 3
 
 
-@needs_train_gpt
-def test_packed_training_matches_readable(quick_run, tmp_path):
-    packed = tmp_path / "build" / "train_gpt.py"
-    assert pack.main(["--src", str(TRAIN_GPT), "--out", str(packed), "--logs", str(tmp_path / "none")]) == 0
-    # The packed file runs the settings of the shared quick run of the readable one: one thread, the
-    # sliding-window and TTT evaluations off (they exercise nothing the packing could change).
-    env = dict(quick_run["env"], QUANTIZED_MODEL_PATH=str(tmp_path / "packed" / "final_model.int6.ptz"))
-    (tmp_path / "packed").mkdir()
-    run_script(env, tmp_path / "packed", script=packed)
-    readable_log, packed_log = quick_run["log"], read_log(tmp_path / "packed", env["RUN_ID"])
-    a, b = comparable(readable_log), comparable(packed_log)
-    assert any("quantized val_loss" in line for line in b) and len(a) > 5
-    assert a == b
-    data = packed.read_bytes()
-    assert f"code_bytes:{len(data)}" in packed_log.splitlines()
-    assert f"code_sha256:{hashlib.sha256(data).hexdigest()}" in packed_log.splitlines()
-    stated = logformat.scan_log(packed_log)
-    assert stated["compressor"] == env["COMPRESSOR"]
-    assert stated["total_bytes"] == stated["model_bytes"] + len(data)
-    # the builder finds the packed file by the hash the run logged
-    folder = record.build_record("tiny", [tmp_path / "packed" / "logs" / f"{env['RUN_ID']}.txt"], TRAIN_GPT, packed,
-                               tmp_path / "records", "2025-01-01", 1.07882, None)
-    s = json.loads((folder / "submission.json").read_text())
-    assert s["bytes_code"] == len(data) and s["hardware"].startswith("device:cpu")
-    assert (folder / "train_gpt.py").read_bytes() == data
+# -----------------------------------------------------------------------------
+# the packed file of the record's defaults: specialised, and still the record's run
+# -----------------------------------------------------------------------------
 
+# Lines that carry the file's own size or hash; each is checked against the file instead.
+CODE_LINES = ("code_bytes:", "code_sha256:", "projected_artifact_bytes:", "Total submission size")
+TIMINGS = re.compile(r"((?:train_time|tok/s|eval_time|elapsed|eta|train_plus_calibration_time):\s*)[\d.]+(ms|m|s)?"
+                     r"| in \d+ms")
+
+
+def comparable_lines(log: str) -> list[str]:
+    """Every line of a log but the code-size lines, with the wall-clock figures masked."""
+    return [TIMINGS.sub(lambda m: (m.group(1) or " in ") + "T", line) for line in log.splitlines()
+            if not line.startswith(CODE_LINES)]
+
+
+def check_code_lines(log: str, packed: Path) -> None:
+    data, lines = packed.read_bytes(), log.splitlines()
+    assert f"code_bytes:{len(data)}" in lines and f"code_sha256:{hashlib.sha256(data).hexdigest()}" in lines
+    stated = logformat.scan_log(log)
+    assert stated["total_bytes"] == stated["model_bytes"] + len(data)
+    assert re.search(rf"^projected_artifact_bytes:\d+ \(model \d+ \+ code {len(data)};", log, re.M)
+
+
+@pytest.fixture(scope="module")
+def default_pack(tmp_path_factory) -> Path:
+    """`python pack.py`: the record's defaults."""
+    out = tmp_path_factory.mktemp("default_pack") / "build" / "train_gpt.py"
+    assert pack.main(["--src", str(TRAIN_GPT), "--out", str(out), "--logs", str(out.parent / "none")]) == 0
+    return out
+
+
+def record_default_env(tiny_data, **changes) -> dict:
+    """The tiny run with the record's compressor (the default pack pins COMPRESSOR=brotli) and a
+    relative artifact path, so that the two runs' hparam lines are the same text."""
+    return tiny_run_env(tiny_data, Path("."), COMPRESSOR="brotli", QUANTIZED_MODEL_PATH="final_model.int6.ptz",
+                        **changes)
+
+
+@needs_train_gpt
+def test_default_pack_leaves_out_every_off_switch(default_pack):
+    """No code of a switch the record has off is in its packed file: not the Triton kernels, not
+    LQER, not the per-family or LZMA compressors, not the Polar Express schedule, not INIT_STATE
+    (the family format's magic stays: the reader names a blob's format when it refuses it)."""
+    source = pack.unpack(default_pack.read_bytes()).decode()
+    for leak in ("triton", "tl.", "load_kernels", "softcap_ce", "lqer_factors", "lqer_dequantize", "family_codecs",
+                 "compress_by_family", "decompress_by_family", "8.156554524902461", "load_init_state",
+                 "TRITON_INTERPRET", "lzma.", "import lzma"):
+        assert leak not in source, leak
+    preset, pins = pack.packed_for(source.encode())
+    assert preset == pack.RECORD_DEFAULTS
+    assert pins == {"init_state": "", "gptq_hessian_all_ranks": False, "fused_ce": False, "fused_mlp": False,
+                    "bigram_train_embed": False, "smear_mask_bos": False, "attn_clip_sigmas": None,
+                    "mlp_clip_sigmas": None, "lqer_top_k": 0, "muon_ns_coeffs": "record", "compressor": "brotli"}
+    assert len(default_pack.read_bytes()) < 18_097  # the record's own packed file
+
+
+@needs_train_gpt
+def test_default_pack_is_the_record_run_line_for_line(default_pack, tiny_data, tmp_path):
+    """The readable file and the packed one on the same run (training, GPTQ, the artifact, all
+    three evaluations): every line but the code's size and hash is the same, numbers included.
+    Then EVAL_ONLY with the packed file on its own artifact scores what the run scored, and the
+    record builder ships it, saying what it was packed for."""
+    env = record_default_env(tiny_data)
+    logs = {}
+    for name, script in (("readable", TRAIN_GPT), ("packed", default_pack)):
+        (tmp_path / name).mkdir()
+        run_script(env, tmp_path / name, script=script)
+        logs[name] = read_log(tmp_path / name, env["RUN_ID"])
+    assert comparable_lines(logs["readable"]) == comparable_lines(logs["packed"])
+    assert "quantized_ttt val_loss" in logs["packed"] and "hparam:COMPRESSOR=brotli" in logs["packed"]
+    check_code_lines(logs["packed"], default_pack)
+    run_script(dict(env, EVAL_ONLY="1", RUN_ID="again"), tmp_path / "packed", script=default_pack)
+    again = read_log(tmp_path / "packed", "again")
+    stages = [l for l in comparable_lines(logs["packed"]) if l.startswith("quantized")]
+    assert len(stages) == 3 and [l for l in comparable_lines(again) if l.startswith("quantized")] == stages
+    folder = record.build_record("tiny", [tmp_path / "packed" / "logs" / f"{env['RUN_ID']}.txt"], TRAIN_GPT,
+                                 default_pack, tmp_path / "records", "2025-01-01", 1.07882, None)
+    s = json.loads((folder / "submission.json").read_text())
+    assert s["bytes_code"] == len(default_pack.read_bytes()) and s["hardware"].startswith("device:cpu")
+    assert (folder / "train_gpt.py").read_bytes() == default_pack.read_bytes()
+    assert s["code_packed_for"] == pack.RECORD_DEFAULTS and s["code_pins"]["compressor"] == "brotli"
+    assert pack.RECORD_DEFAULTS in (folder / "README.md").read_text()
+
+
+@needs_train_gpt
+def test_default_pack_is_the_record_run_under_torchrun(default_pack, tiny_data, tmp_path):
+    """The same comparison with two ranks (gloo): the split batches, Muon's sharded update, rank 0's
+    Hessians, the sliding windows and TTT's averaged gradients all go through the packed code."""
+    env = record_default_env(tiny_data, ITERATIONS="4", VAL_LOSS_EVERY="2", TTT_CHUNK_TOKENS="2048")
+    logs = {}
+    for name, script in (("readable", TRAIN_GPT), ("packed", default_pack)):
+        (tmp_path / name).mkdir()
+        run_script(env, tmp_path / name, script=script, nproc=2)
+        logs[name] = read_log(tmp_path / name, env["RUN_ID"])
+    assert "world_size:2" in logs["packed"] and "quantized_ttt val_loss" in logs["packed"]
+    assert comparable_lines(logs["readable"]) == comparable_lines(logs["packed"])
+    check_code_lines(logs["packed"], default_pack)
+
+
+@needs_train_gpt
+@pytest.mark.parametrize("setting, value", [("FUSED_CE", "1"), ("COMPRESSOR", "lzma"), ("LQER_TOP_K", "2"),
+                                            ("INIT_STATE", "final_model.pt")])
+def test_default_pack_refuses_a_setting_whose_code_it_left_out(default_pack, tmp_path, setting, value):
+    """A pinned setting with another value stops the run at construction, before any data is read
+    (DATA_DIR does not exist here), naming the setting and how to get a file that has its code."""
+    proc = run_script({"DATA_DIR": str(tmp_path / "no_data"), setting: value, "OMP_NUM_THREADS": "1"}, tmp_path,
+                      script=default_pack, check=False)
+    assert proc.returncode != 0
+    assert re.search(rf"ValueError: {setting}=.*this file was packed \(for {re.escape(pack.RECORD_DEFAULTS)}\) "
+                     rf"with {setting}=.* and holds no code for other values", proc.stderr), proc.stderr[-2000:]
+    assert "python pack.py --preset" in proc.stderr and "no_data" not in proc.stderr
 
 
 def test_baseline_none_skips_the_significance_test(record_setup, tmp_path):
@@ -635,3 +736,108 @@ def test_bench_memory_estimate_is_printed_and_written_to_out(tmp_path, monkeypat
         "bfloat16": sum(2 * p.numel() for n, p in model.named_parameters() if n in embeddings),
         "float32": sum(4 * p.numel() for n, p in model.named_parameters() if n not in embeddings)}
     assert set(written["static_parts_mib"]) == {"weights", "gradients", "adamw_moments", "muon_momentum", "ema"}
+
+
+@needs_train_gpt
+def test_specialised_packing_is_deterministic(default_pack, tmp_path):
+    """Specialising walks sets and dicts: the packed bytes must not depend on hash seeds."""
+    for seed in ("1", "2"):
+        again = tmp_path / f"again{seed}.py"
+        subprocess.run([sys.executable, str(ROOT / "pack.py"), "--src", str(TRAIN_GPT), "--out", str(again),
+                        "--logs", str(tmp_path / "none")], cwd=tmp_path, env={**os.environ, "PYTHONHASHSEED": seed},
+                       check=True, capture_output=True)
+        assert again.read_bytes() == default_pack.read_bytes()
+
+
+SWITCHED = textwrap.dedent('''\
+    from __future__ import annotations
+    import dataclasses
+    import os
+
+
+    def switch(default):
+        return dataclasses.field(default=default, metadata={"switch": True})
+
+
+    PINNED: dict = {}
+    PACKED_FOR = ""
+
+
+    @dataclasses.dataclass
+    class Hyperparameters:
+        fast: bool = switch(False)
+        width: int = 4
+
+        def __post_init__(self):
+            for name, value in PINNED.items():
+                if getattr(self, name) != value:
+                    raise ValueError(f"{name.upper()}={getattr(self, name)!r}: packed for {PACKED_FOR}")
+
+
+    HPARAMS = tuple((f.name, {"int": int, "bool": bool}[f.type], f.default)
+                    for f in dataclasses.fields(Hyperparameters))
+
+
+    def env_settings(environ):
+        return {n: t(environ[n.upper()]) if t is not bool else environ[n.upper()] == "1" for n, t, _ in HPARAMS
+                if n.upper() in environ}
+
+
+    def misspelt_settings(environ):
+        return [f"{k} is not a setting; did you mean {k[:-1]}?" for k in environ if k[:-1] in ("FAST", "WIDTH")]
+
+
+    def fast_path(h):
+        return h.width * 2
+
+
+    def main():
+        h = Hyperparameters(**env_settings(os.environ))
+        print(fast_path(h) if h.fast else h.width)
+
+
+    if __name__ == "__main__":
+        main()
+    ''')
+
+
+def test_pack_reads_a_preset_and_refuses_a_bad_one(tmp_path, capsys):
+    """A preset is read as the source reads its environment: its own parsing applies, a misspelt
+    key is refused with the setting it resembles, and a missing file is named. Packed for it, the
+    file runs the preset's code; packed for the defaults, it refuses the switch it left out."""
+    src = tmp_path / "switched.py"
+    src.write_text(SWITCHED)
+    preset = tmp_path / "on.env"
+    preset.write_text("# the fast path on\nFAST=1\nWIDTH=3\n")
+    on, off = tmp_path / "on.py", tmp_path / "off.py"
+    assert pack.main(["--src", str(src), "--out", str(on), "--preset", str(preset), "--logs", str(tmp_path)]) == 0
+    assert pack.packed_for(pack.unpack(on.read_bytes())) == (str(preset), {})  # FAST is on: free
+    assert run_py(on, tmp_path, {"FAST": "1", "WIDTH": "5"}) == "10\n"
+    assert run_py(on, tmp_path, {"WIDTH": "5"}) == "5\n"
+    assert pack.main(["--src", str(src), "--out", str(off), "--logs", str(tmp_path)]) == 0  # defaults: FAST off
+    assert pack.packed_for(pack.unpack(off.read_bytes())) == (pack.RECORD_DEFAULTS, {"fast": False})
+    assert len(off.read_bytes()) < len(on.read_bytes())
+    assert run_py(off, tmp_path, {"WIDTH": "5"}) == "5\n"
+    proc = subprocess.run([sys.executable, str(off)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "FAST": "1"})
+    assert proc.returncode != 0 and f"FAST=True: packed for {pack.RECORD_DEFAULTS}" in proc.stderr
+    capsys.readouterr()
+    for text, message in (("FASTT=1\n", "FASTT is not a setting; did you mean FAST"),
+                          ("WIDTH=wide\n", "invalid literal"), ("FAST\n", "expected KEY=VALUE")):
+        preset.write_text(text)
+        assert pack.main(["--src", str(src), "--out", str(on), "--preset", str(preset)]) == 1
+        err = capsys.readouterr().err
+        assert f"--preset {preset}" in err and message in err, err
+    assert pack.main(["--src", str(src), "--out", str(on), "--preset", str(tmp_path / "missing.env")]) == 1
+    assert "missing.env" in capsys.readouterr().err
+
+
+def test_pack_measure_prints_what_each_pin_saves(tmp_path, capsys):
+    src = tmp_path / "switched.py"
+    src.write_text(SWITCHED)
+    assert pack.main(["--src", str(src), "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^specialised to the record's defaults: [\d,]+ B of brotli stream \(every switch: [\d,]+ B, "
+                     r"so [\d,]+ B saved\); 1 settings pinned", out, re.M), out
+    assert re.search(r"^  FAST=False: [1-9][\d,]* B  \(removes fast_path\)$", out, re.M), out
+    assert "codecs on the minified source: brotli" in out and "wrapped lzma latin1" in out

@@ -332,3 +332,13 @@ def test_run_logs_the_projection_before_training(new_formats_run):
     assert log.index("projected_artifact_bytes:") < log.index("1/4 train_loss")
     assert "[gptq (int7)]:" in m.group(4)
     assert int(m.group(1)) == int(m.group(2)) + int(m.group(3))
+
+
+def test_a_run_without_lqer_refuses_a_blob_that_carries_corrections():
+    """The packed file of a preset without LQER has no LQER reader: a blob with corrections must be
+    refused by name, never read with the corrections silently dropped."""
+    w = {"blocks.0.mlp.fc.weight.q": torch.zeros(4, 4, dtype=torch.int8),
+         "blocks.0.mlp.fc.weight.scale": torch.ones(4, dtype=torch.float16),
+         "blocks.0.mlp.fc.weight.lqer_a": torch.zeros(4, 1, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="carries LQER corrections, but this run has LQER_TOP_K=0"):
+        train_gpt.dequantize_state_dict(w, {"blocks.0.mlp.fc.weight": "gptq (int6)"}, lqer=False)

@@ -115,7 +115,24 @@ BAD_SETTINGS = [
     (dict(MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="-1"), "GPTQ_RESERVE_SECONDS=-1.0 must be >= 0 (unset"),
     (dict(TRAIN_BATCH_TOKENS="786433"), "TRAIN_BATCH_TOKENS=786433"),  # silently rounded down before
     (dict(GRAD_ACCUM_STEPS="5"), "GRAD_ACCUM_STEPS=5"),
+    (dict(COMPRESSOR="zstd"), "COMPRESSOR='zstd' must be one of brotli, lzma, family"),
+    (dict(MUON_NS_COEFFS="cubic"), "MUON_NS_COEFFS='cubic' must be one of record, polar"),
 ]
+
+
+def test_choices_are_the_values_the_code_handles():
+    """A choice's values are stated once, in its field; the code behind each must exist."""
+    import dataclasses
+
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(train_gpt.Hyperparameters)
+               if "choices" in f.metadata}
+    assert set(choices) == {"muon_ns_coeffs", "compressor"}
+    assert set(choices["muon_ns_coeffs"]) == set(train_gpt.NS_SCHEDULES)
+    w, m = {"x.q": torch.ones(3, dtype=torch.int8), "x.scale": torch.ones(1, dtype=torch.float16)}, {"x": "gptq (int6)"}
+    for compressor in choices["compressor"]:
+        blob = train_gpt.compress_blob(w, m, compressor)
+        assert train_gpt.blob_compressor(blob) == compressor
+        assert torch.equal(train_gpt.decompress_blob(blob, "b", compressor)[0]["x.q"], w["x.q"])
 
 
 @pytest.mark.parametrize("env, named", BAD_SETTINGS, ids=[n for _, n in BAD_SETTINGS])
@@ -205,12 +222,17 @@ def test_pack_artifact_folder_is_named_as_a_folder(tmp_path, capsys):
 
     src = tmp_path / "t.py"
     src.write_text("x = 1\n")
-    assert pack.main(["--src", str(src), "--out", str(tmp_path / "o.py"), "--artifact", str(tmp_path)]) == 1
+    assert pack.main(["--src", str(src), "--out", str(tmp_path / "o.py"), "--artifact", str(tmp_path),
+                      "--every-switch"]) == 1
     assert f"--artifact {tmp_path}: is a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["lzma_blob", "family_blob", "folder"])
-def test_eval_only_labels_the_blob_and_names_a_folder(case, tiny_env, tmp_path, monkeypatch, one_thread):
+def test_eval_only_reads_the_blob_its_compressor_wrote_and_names_a_folder(case, tiny_env, tmp_path, monkeypatch,
+                                                                           one_thread):
+    """EVAL_ONLY reads an artifact with the settings that wrote it: a blob of another COMPRESSOR is
+    refused at once, naming the setting that reads it (a packed file holds its own format's reader
+    alone); with that setting the log labels the blob by it. A folder is named as a folder."""
     import lzma
 
     artifact = tmp_path / "blob.ptz"
@@ -228,6 +250,10 @@ def test_eval_only_labels_the_blob_and_names_a_folder(case, tiny_env, tmp_path, 
         with pytest.raises(OSError, match=re.escape(f"QUANTIZED_MODEL_PATH={artifact} is a folder")):
             train_gpt.main()
         return
+    with pytest.raises(ValueError, match=re.escape(f"EVAL_ONLY=1: {artifact} was written with COMPRESSOR={label}, "
+                                                   f"but this run has COMPRESSOR=brotli: set COMPRESSOR={label}")):
+        train_gpt.main()
+    monkeypatch.setenv("COMPRESSOR", label)
     assert train_gpt.main() == 0
     log = read_log(tmp_path, "evalonly")
     assert f"Serialized model quantized+{label}: {artifact.stat().st_size} bytes" in log
