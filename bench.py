@@ -36,6 +36,9 @@
       Bytes-vs-penalty plot of `quant` results (needs matplotlib: requirements-bench.txt).
   python bench.py table JSON ...
       The same results as a markdown table (bytes relative to each run's record row).
+  python bench.py curves OUT.png LOG ... [--title TEXT] [--from-step N]
+      Training-loss curves of training logs (every logged train_loss, and the val_loss points,
+      from step N on), one colour per log (needs matplotlib: requirements-bench.txt).
 """
 
 from __future__ import annotations
@@ -1018,6 +1021,43 @@ def run_plot(args) -> int:
     return 0
 
 
+def loss_curves(path: Path) -> dict:
+    """{"train": [(step, loss)], "val": [(step, loss)]} of one training log."""
+    from logformat import lines_of
+
+    text = path.read_text(encoding="utf-8")
+    curves = {"train": [(int(m.group(1)), float(m.group(3))) for m in lines_of(text, "train_loss")],
+              "val": [(int(m.group(1)), float(m.group(3))) for m in lines_of(text, "val")]}
+    if not curves["train"]:
+        raise SystemExit(f"bench.py: {path} has no train_loss lines")
+    return curves
+
+
+def run_curves(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, path in enumerate(map(Path, args.logs)):
+        curves, colour = loss_curves(path), f"C{i}"
+        train = [(s, v) for s, v in curves["train"] if s >= args.from_step]
+        val = [(s, v) for s, v in curves["val"] if s >= args.from_step]
+        ax.plot(*zip(*train), color=colour, lw=1.2, label=f"{path.stem} train")
+        if val:
+            ax.plot(*zip(*val), "o", color=colour, ms=5, label=f"{path.stem} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(args.title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def run_table(args) -> int:
     """Markdown table of `quant` results: one row per variant and seed file."""
     print("| variant | run | brotli bytes | family bytes | quantized bpb | penalty | sliding | TTT |")
@@ -1079,12 +1119,17 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("results", nargs="+")
     p.add_argument("--model", default="cpu_small", help="the preset whose weights the results are, for the title")
+    cv = sub.add_parser("curves", help="training-loss curves PNG of training logs")
+    cv.add_argument("out")
+    cv.add_argument("logs", nargs="+")
+    cv.add_argument("--title", default="Training loss (2-core CPU)")
+    cv.add_argument("--from-step", type=int, default=0, help="leave out the steps before this one")
     t = sub.add_parser("table", help="markdown table of quant results")
     t.add_argument("results", nargs="+")
     args = ap.parse_args(argv)
     return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress, "memory": run_memory,
             "gpu-check": run_gpu_check, "kernels": run_kernels,
-            "quant": run_quant, "plot": run_plot, "table": run_table}[args.cmd](args)
+            "quant": run_quant, "plot": run_plot, "curves": run_curves, "table": run_table}[args.cmd](args)
 
 
 if __name__ == "__main__":
