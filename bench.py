@@ -995,13 +995,29 @@ def run_quant(args) -> int:
     return 0
 
 
-def run_plot(args) -> int:
+def new_plot():
+    """(figure, axes) of one PNG plot, without a display (matplotlib: requirements-bench.txt)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def save_plot(fig, ax, out: str, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def run_plot(args) -> int:
+    fig, ax = new_plot()
     for path in args.results:
         res = json.loads(Path(path).read_text())
         for column, marker in (("brotli_bytes", "o"), ("family_bytes", "s")):
@@ -1010,14 +1026,8 @@ def run_plot(args) -> int:
             ax.scatter(xs, ys, marker=marker, label=f"{res['name']} ({column.split('_')[0]})")
             for r, x, y in zip(res["rows"], xs, ys):
                 ax.annotate(r["variant"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("artifact model blob (kB)")
-    ax.set_ylabel("quantization penalty (milli-bpb: quantized - post-EMA)")
-    ax.set_title(f"Quantization switches on saved {args.model} weights (2-core CPU)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_plot(fig, ax, args.out, f"Quantization switches on saved {args.model} weights (2-core CPU)",
+              "artifact model blob (kB)", "quantization penalty (milli-bpb: quantized - post-EMA)")
     return 0
 
 
@@ -1034,12 +1044,7 @@ def loss_curves(path: Path) -> dict:
 
 
 def run_curves(args) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_plot()
     for i, path in enumerate(map(Path, args.logs)):
         curves, colour = loss_curves(path), f"C{i}"
         train = [(s, v) for s, v in curves["train"] if s >= args.from_step]
@@ -1047,14 +1052,7 @@ def run_curves(args) -> int:
         ax.plot(*zip(*train), color=colour, lw=1.2, label=f"{path.stem} train")
         if val:
             ax.plot(*zip(*val), "o", color=colour, ms=5, label=f"{path.stem} val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(args.title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_plot(fig, ax, args.out, args.title, "step", "loss (nats per token)")
     return 0
 
 

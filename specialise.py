@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import operator
+from collections import Counter
 from typing import NamedTuple
 
 MARKERS = ("switch", "choice")  # the field constructors that mark a switch or a choice in Hyperparameters
@@ -132,21 +133,31 @@ def _literal_keys(node: ast.AST):
     return [e.value for e in elts]
 
 
-def _stored_names(node: ast.AST) -> set[str]:
-    """Every name bound anywhere inside node (assignments, loops, imports, except, with, del)."""
-    out = set()
-    for n in ast.walk(node):
+def _binding_counts(node) -> Counter:
+    """How many times each name is bound anywhere inside `node` (a node or a list of statements;
+    nested scopes included, which is conservative): assignments, loops, with, del, imports,
+    except, definitions, parameters of nested functions, and global/nonlocal (counted twice: the
+    name is bound elsewhere too)."""
+    counts: Counter = Counter()
+    for n in ast.walk(ast.Module(body=node, type_ignores=[]) if isinstance(node, list) else node):
         if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
-            out.add(n.id)
+            counts[n.id] += 1
         elif isinstance(n, (ast.Import, ast.ImportFrom)):
-            out.update((a.asname or a.name).split(".")[0] for a in n.names)
+            counts.update((a.asname or a.name).split(".")[0] for a in n.names)
         elif isinstance(n, (ast.Global, ast.Nonlocal)):
-            out.update(n.names)
+            counts.update(n.names * 2)
         elif isinstance(n, ast.ExceptHandler) and n.name:
-            out.add(n.name)
+            counts[n.name] += 1
         elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            out.add(n.name)
-    return out
+            counts[n.name] += 1
+        elif isinstance(n, ast.arg):
+            counts[n.arg] += 1
+    return counts
+
+
+def _stored_names(node) -> set[str]:
+    """Every name bound anywhere inside `node`."""
+    return set(_binding_counts(node))
 
 
 def _binds(scope: ast.AST, name: str) -> bool:
@@ -312,28 +323,6 @@ def _propagate_parameters(tree: ast.Module) -> int:
             if len(values) == 1:
                 count += _replace_in_body(fn, param, passed[0].value)
     return count
-
-
-def _binding_counts(body: list[ast.stmt]) -> dict[str, int]:
-    """How many times each name is bound in `body` (nested scopes included: conservative)."""
-    counts: dict[str, int] = {}
-    for n in ast.walk(ast.Module(body=body, type_ignores=[])):
-        names = []
-        if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
-            names = [n.id]
-        elif isinstance(n, (ast.Import, ast.ImportFrom)):
-            names = [(a.asname or a.name).split(".")[0] for a in n.names]
-        elif isinstance(n, (ast.Global, ast.Nonlocal)):
-            names = n.names * 2  # bound elsewhere too
-        elif isinstance(n, ast.ExceptHandler) and n.name:
-            names = [n.name]
-        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names = [n.name]
-        elif isinstance(n, ast.arg):
-            names = [n.arg]  # a nested function's parameter of the same name
-        for name in names:
-            counts[name] = counts.get(name, 0) + 1
-    return counts
 
 
 def _loads(node: ast.AST, name: str) -> bool:
