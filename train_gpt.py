@@ -998,7 +998,8 @@ class LaneBlock(Block):
     """A block of the two-lane decoder (PARALLEL_LANES_START): its input and output are the two
     lanes stacked, (2, B, T, D). Attention reads lane 0 mixed with x0 by resid_mix, the MLP reads
     lane 1 alone, and lane k <- m[0, k] lane k + m[1, k] attention + m[2, k] MLP, with m (3, 2)
-    this block's row of GPT.lane_mix: the residual is each lane itself, not the mix."""
+    this block's row of GPT.lane_mix: the residual is each lane itself, not the mix.
+    PARALLEL_RESIDUAL_START's one-lane form does not apply to it."""
 
     def forward(self, lanes: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane_mix: Tensor) -> Tensor:
         dtype = lanes.dtype
