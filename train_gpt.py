@@ -108,6 +108,9 @@ class Hyperparameters:
     smear_gate: bool = switch(True)  # SmearGate: mix each position with the previous one
     smear_gate_width: int = 12  # input dimensions the SmearGate reads
     smear_mask_bos: bool = switch(False)  # 1: SmearGate takes nothing across a document start
+    smear_pre_norm: bool = switch(False)  # 1: SmearGate blends the raw embeddings before the norm, its gate a control tensor
+    sparse_gate_scale: float = switch(0.0)  # 0: off; else each head's output times sigmoid(SCALE * W a[:GATE_WIDTH])
+    parallel_lanes_start: int = switch(0)  # 0: off; else the decoder runs as two lanes from this block on
     tied_embed_init_std: float = 0.005  # std of the tied embedding's normal initialisation
     # training
     iterations: int = 20000  # training steps, unless the wall clock stops it first
@@ -129,6 +132,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500  # steps of the linear momentum warm-up
     muon_backend_steps: int = 5  # Newton-Schulz iterations
     muon_row_normalize: bool = switch(True)  # normalise each row of the update before Newton-Schulz (MuonEq-R)
+    muon_bf16_momentum: bool = switch(False)  # 1: Muon's gradient, momentum buffer and Nesterov update in bf16
     muon_wd: float = 0.095  # Muon decoupled weight decay
     embed_wd: float = 0.085  # AdamW weight decay of the tied embedding
     adam_wd: float = 0.02  # AdamW weight decay of the control tensors
@@ -136,6 +140,7 @@ class Hyperparameters:
     beta2: float = 0.95  # AdamW beta2
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip_norm: float = 0.3  # global gradient-norm clip
+    grad_clip_per_rank: bool = switch(False)  # 1: each rank clips its own gradients, then they are averaged (no DDP)
     ema_decay: float = 0.9965  # EMA of the weights; the EMA weights are quantized
     # quantization and artifact
     gptq_calibration_batches: int = 64  # training micro-batches that calibrate the GPTQ Hessians
@@ -236,6 +241,16 @@ class Hyperparameters:
             raise ValueError(f"GATE_WIDTH={h.gate_width} exceeds MODEL_DIM={h.model_dim}")
         if h.smear_gate and h.smear_gate_width > h.model_dim:
             raise ValueError(f"SMEAR_GATE_WIDTH={h.smear_gate_width} exceeds MODEL_DIM={h.model_dim}")
+        if h.smear_pre_norm and not h.smear_gate:
+            raise ValueError("SMEAR_PRE_NORM=1 needs SMEAR_GATE=1: it moves the SmearGate before the norm")
+        if h.sparse_gate_scale and h.gate_attn_out:
+            raise ValueError(f"SPARSE_GATE_SCALE={h.sparse_gate_scale} and GATE_ATTN_OUT=1 would gate each head's "
+                             "output twice: set GATE_ATTN_OUT=0")
+        if h.sparse_gate_scale and h.gate_width > h.model_dim:
+            raise ValueError(f"GATE_WIDTH={h.gate_width} exceeds MODEL_DIM={h.model_dim}")
+        if h.parallel_lanes_start and not 0 < h.parallel_lanes_start < h.num_layers:
+            raise ValueError(f"PARALLEL_LANES_START={h.parallel_lanes_start} must be a block in 1..{h.num_layers - 1} "
+                             f"(NUM_LAYERS={h.num_layers}), or 0 for off")
         if h.vocab_size > SHARD_VOCAB_LIMIT:
             raise ValueError(f"VOCAB_SIZE={h.vocab_size} does not fit the uint16 shards")
         if h.eval_seq_len % h.eval_stride != 0:
@@ -812,14 +827,18 @@ def fused_leaky_relu_sq(u: Tensor) -> Tensor:
 # MODEL
 #   11 layers x 512 wide, GQA 8/4 heads, 4x leaky-ReLU^2 MLP, depth recurrence over layers
 #   3-5, U-Net skips, parallel residual blocks from layer 7, XSA, gated attention output,
-#   SmearGate, BigramHash input branch, tied and soft-capped head (SPEC §3).
+#   SmearGate, BigramHash input branch, tied and soft-capped head (SPEC §3). Switches give the
+#   later record's forms (#1855, FRONTIER.md): a sparse sigmoid output gate per head, a decoder
+#   of two lanes with learned mixing, and a SmearGate on the raw embedding.
 # -----------------------------------------------------------------------------
 
 # `TENSOR_ROLES`: every tensor's role, by the end of its state-dict name: (optimizer group,
 # quantization category, blob family). "control" tensors steer the residual stream: they train
 # with AdamW at SCALAR_LR and stay fp32. bigram.embed trains (with the token embedding) only
-# with BIGRAM_TRAIN_EMBED=1 (SPEC §3). Used by split_params, quant_category, clip_sigmas_for,
-# collect_hessians and tensor_family.
+# with BIGRAM_TRAIN_EMBED=1 (SPEC §3). The frontier switches' tensors are control tensors too:
+# the SmearGate on the raw embedding (SMEAR_PRE_NORM) is a separate name because, unlike the
+# record's, it trains with AdamW and is stored fp16. Used by split_params, quant_category,
+# clip_sigmas_for, collect_hessians and tensor_family.
 _GPTQ = ("matrix", "gptq_int6")
 _PER_TENSOR, _PASSTHROUGH = ("control", "int8_tensor", "control"), ("control", "fp16", "control")
 TENSOR_ROLES = {
@@ -828,6 +847,8 @@ TENSOR_ROLES = {
     "attn.proj.weight": (*_GPTQ, "attn"), "mlp.fc.weight": (*_GPTQ, "mlp"), "mlp.proj.weight": (*_GPTQ, "mlp"),
     "bigram.proj.weight": ("matrix", "int8_row", "control"), "smear_gate.weight": ("matrix", "int8_row", "control"),
     "attn_gate_proj.weight": ("control", "int8_row", "control"),
+    "attn.sparse_gate.weight": ("control", "int8_row", "control"),
+    "smear_embed_gate.weight": _PASSTHROUGH, "lane_mix": _PASSTHROUGH,
     "attn_scale": _PER_TENSOR, "mlp_scale": _PER_TENSOR, "resid_mix": _PER_TENSOR, "skip_weights": _PER_TENSOR,
     "skip_gates": _PER_TENSOR, "q_gain": _PASSTHROUGH, "bigram.scale": _PASSTHROUGH, "smear_lambda": _PASSTHROUGH,
 }
@@ -908,6 +929,9 @@ class CausalSelfAttention(nn.Module):
         self.gate_width = h.gate_width if h.gate_attn_out else 0
         if self.gate_width:
             self.attn_gate_proj = CastedLinear(h.gate_width, h.num_heads, zero_init=True)
+        self.sparse_scale = h.sparse_gate_scale
+        if self.sparse_scale:  # zero-init: every head starts at half its output
+            self.sparse_gate = CastedLinear(h.gate_width, h.num_heads, zero_init=True)
 
     def forward(self, a: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = a.shape
@@ -927,6 +951,9 @@ class CausalSelfAttention(nn.Module):
             y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, self.num_heads, self.head_dim)
         if self.gate_width:
             y = y * (2 * torch.sigmoid(self.attn_gate_proj(a[..., : self.gate_width])))[..., None]
+        if self.sparse_scale:
+            gate_in = a[..., : self.sparse_gate.in_features]
+            y = y * torch.sigmoid(self.sparse_scale * self.sparse_gate(gate_in))[..., None]
         return self.proj(y.reshape(B, T, -1))
 
 
@@ -967,6 +994,23 @@ class Block(nn.Module):
         return h + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(h) * self.norm_scale)
 
 
+class LaneBlock(Block):
+    """A block of the two-lane decoder (PARALLEL_LANES_START): its input and output are the two
+    lanes stacked, (2, B, T, D). Attention reads lane 0 mixed with x0 by resid_mix, the MLP reads
+    lane 1 alone, and lane k <- m[0, k] lane k + m[1, k] attention + m[2, k] MLP, with m (3, 2)
+    this block's row of GPT.lane_mix: the residual is each lane itself, not the mix.
+    PARALLEL_RESIDUAL_START's one-lane form does not apply to it."""
+
+    def forward(self, lanes: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane_mix: Tensor) -> Tensor:
+        dtype = lanes.dtype
+        mix = self.resid_mix.to(dtype)
+        a = rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.norm_scale
+        attn_out = self.attn_scale.to(dtype) * self.attn(a, cos, sin)
+        mlp_out = self.mlp_scale.to(dtype) * self.mlp(rms_norm(lanes[1]) * self.norm_scale)
+        m = lane_mix.to(dtype)[..., None, None, None]  # (3, 2, 1, 1, 1): broadcast over (B, T, D)
+        return m[0] * lanes + m[1] * attn_out + m[2] * mlp_out
+
+
 class BigramHash(nn.Module):
     """Adds a learned embedding of the hashed (previous, current) token pair."""
 
@@ -997,9 +1041,14 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
         if h.smear_gate:
-            self.smear_gate = CastedLinear(h.smear_gate_width, 1, zero_init=True)
+            if h.smear_pre_norm:
+                self.smear_embed_gate = CastedLinear(h.smear_gate_width, 1, zero_init=True)
+            else:
+                self.smear_gate = CastedLinear(h.smear_gate_width, 1, zero_init=True)
             self.smear_lambda = nn.Parameter(torch.zeros(()))
-        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        self.lanes = h.parallel_lanes_start  # first block of the two-lane decoder (0: none)
+        self.blocks = nn.ModuleList((LaneBlock if self.lanes and i >= self.lanes else Block)(h, i)
+                                    for i in range(h.num_layers))
         # Virtual layer order with depth recurrence: layers LOOP_START..LOOP_END run NUM_LOOPS+1 times.
         order = list(range(h.num_layers))
         if h.num_loops > 0:
@@ -1013,7 +1062,24 @@ class GPT(nn.Module):
         num_skips = min(len(self.encoder_indices), len(self.decoder_indices))
         self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
+        if self.lanes:
+            self.check_lane_order()
+            # Per block (3, 2): how much each lane keeps of itself (init 1.1) and takes of the
+            # attention and the MLP output (init 1). A row for every block, as the record that
+            # introduced them keeps (its parameter count); only LaneBlocks read theirs.
+            self.lane_mix = nn.Parameter(torch.cat((torch.full((h.num_layers, 1, 2), 1.1),
+                                                    torch.ones(h.num_layers, 2, 2)), dim=1))
         self._init_weights()
+
+    def check_lane_order(self) -> None:
+        """The decoder runs as two lanes from its first LaneBlock to its end (forward_hidden): in
+        both layer orders no encoder block may be one, nor a plain block follow one."""
+        for encoder, decoder in ((self.encoder_indices, self.decoder_indices),
+                                 (self.plain_encoder_indices, self.plain_decoder_indices)):
+            in_lanes = [i >= self.lanes for i in decoder]
+            if any(i >= self.lanes for i in encoder) or in_lanes != sorted(in_lanes):
+                raise ValueError(f"PARALLEL_LANES_START={self.lanes}: the two lanes must run from their first block "
+                                 f"to the end of the decoder, outside the encoder (encoder {encoder}, decoder {decoder})")
 
     def _init_weights(self) -> None:
         if self.tok_emb.weight.is_meta:
@@ -1035,14 +1101,19 @@ class GPT(nn.Module):
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids).to(x.dtype)
-        x = rms_norm(x)
+        if not self.h.smear_pre_norm:
+            x = rms_norm(x)
         if self.h.smear_gate:
-            # SmearGate: blend in the previous position's embedding, gated by the current one.
+            # SmearGate: blend in the previous position's embedding, gated by the current one; on
+            # the normed input (the record) or, with SMEAR_PRE_NORM=1, on the raw embedding.
             w = self.h.smear_gate_width
-            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :w]))
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(
+                (self.smear_embed_gate if self.h.smear_pre_norm else self.smear_gate)(x[..., :w]))
             if self.h.smear_mask_bos:
                 gate = gate * (ids != 1).unsqueeze(-1).to(gate.dtype)  # a document start takes nothing from the last one
             x = x + gate * F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.h.smear_pre_norm:
+            x = rms_norm(x)
         x0 = x
         T = ids.size(1)
         cos, sin = rotary_cos_sin(T, self.h.rope_dims, self.h.rope_base, self.h.train_seq_len, x.device, x.dtype,
@@ -1055,11 +1126,19 @@ class GPT(nn.Module):
         for i in encoder:
             x = self.blocks[i](x, x0, cos, sin)
             skips.append(x)
+        lane1 = None  # the two-lane decoder's second lane once it has started; x is lane 0
         for j, i in enumerate(decoder):
-            if j < self.skip_weights.size(0) and skips:
+            if self.lanes and i >= self.lanes and lane1 is None:
+                lane1 = x  # both lanes start from x
+            if j < self.skip_weights.size(0) and skips:  # U-Net skip; with two lanes, into lane 0 only
                 k = self.skip_weights[j].to(x.dtype) * skips.pop()
                 x = torch.lerp(k, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            x = self.blocks[i](x, x0, cos, sin)
+            if self.lanes and lane1 is not None:
+                x, lane1 = self.blocks[i](torch.stack((x, lane1)), x0, cos, sin, self.lane_mix[i]).unbind(0)
+            else:
+                x = self.blocks[i](x, x0, cos, sin)
+        if self.lanes and lane1 is not None:
+            x = 0.5 * (x + lane1)  # the output is the lanes' mean
         return rms_norm(x)
 
     def loop_as_trained(self) -> GPT:
@@ -1120,25 +1199,25 @@ def load_into_model(model: nn.Module, state: dict, source: str) -> None:
 # -----------------------------------------------------------------------------
 
 
-# `NS_SCHEDULES`, Newton-Schulz: (norm safety factor, per-iteration (a, b, c); the last repeats).
-# record: one quintic for every step. polar: the Polar Express coefficients for five steps
-# (Amsel et al. 2025, arXiv:2505.16932) that later records use, with their 2% norm margin.
+# `NS_SCHEDULES`, Newton-Schulz: the per-iteration (a, b, c); the last repeats. record: one
+# quintic for every step. polar: the Polar Express coefficients for five steps (Amsel et al.
+# 2025, arXiv:2505.16932) as the later records run them (#1855): on X / ||X||_F as the record's
+# schedule, without the 2% norm margin modded-nanogpt divides by.
 NS_SCHEDULES = {
-    "record": (1.0, ((3.4445, -4.7750, 2.0315),)),
-    "polar": (1.02, ((8.156554524902461, -22.48329292557795, 15.878769915207462),
-                     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-                     (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-                     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-                     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))),
+    "record": ((3.4445, -4.7750, 2.0315),),
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
 }
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int, schedule: tuple = NS_SCHEDULES["record"]) -> Tensor:
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, coeffs: tuple = NS_SCHEDULES["record"]) -> Tensor:
     """Approximately orthogonalise G with a quintic Newton-Schulz iteration: bf16 on GPU as the
     record; fp32 on CPU, where bf16 matmuls are emulated and several times slower."""
-    safety, coeffs = schedule
     X = G.bfloat16() if G.is_cuda else G.float()
-    X = X / (X.norm() + 1e-7) if safety == 1.0 else X / (X.norm() * safety + 1e-7)
+    X = X / (X.norm() + 1e-7)
     transposed = G.size(0) > G.size(1)
     if transposed:
         X = X.T
@@ -1155,6 +1234,8 @@ class Muon(torch.optim.Optimizer):
     Parameter i is orthogonalised on rank i % world_size; the flat update is then summed
     across ranks so every rank applies the same update.
     """
+
+    momentum_dtype = torch.float32  # of the gradient in the momentum step: Muon's matrices are fp32 everywhere
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  row_normalize: bool, nesterov: bool = True, orthogonalize=zeropower_via_newtonschulz5,
@@ -1177,7 +1258,7 @@ class Muon(torch.optim.Optimizer):
             offset = 0
             for i, p in enumerate(params):
                 if i % world == rank and p.grad is not None:
-                    g = p.grad
+                    g = p.grad.to(self.momentum_dtype)
                     state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(g)
@@ -1198,6 +1279,14 @@ class Muon(torch.optim.Optimizer):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"])
                 offset += p.numel()
+
+
+class Bf16MomentumMuon(Muon):
+    """MUON_BF16_MOMENTUM=1: the gradient is cast to bf16 first, so the momentum buffer, the
+    Nesterov update and the row normalisation are bf16 (Newton-Schulz is bf16 on GPU anyway; on
+    CPU it computes in fp32 from the bf16 input)."""
+
+    momentum_dtype = torch.bfloat16
 
 
 def split_params(model: GPT, h: Hyperparameters):
@@ -1227,9 +1316,10 @@ def build_optimizers(model: GPT, h: Hyperparameters, is_cuda: bool, compile: boo
         torch.optim.AdamW([dict(params=token, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)],
                           weight_decay=h.embed_wd, **adam),
         torch.optim.AdamW([dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr)], weight_decay=h.adam_wd, **adam),
-        Muon([dict(params=matrix, lr=h.matrix_lr, base_lr=h.matrix_lr)], lr=h.matrix_lr, momentum=h.muon_momentum,
-             backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd, row_normalize=h.muon_row_normalize,
-             orthogonalize=orthogonalize, ns_schedule=NS_SCHEDULES[h.muon_ns_coeffs], runtime=runtime),
+        (Bf16MomentumMuon if h.muon_bf16_momentum else Muon)(
+            [dict(params=matrix, lr=h.matrix_lr, base_lr=h.matrix_lr)], lr=h.matrix_lr, momentum=h.muon_momentum,
+            backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd, row_normalize=h.muon_row_normalize,
+            orthogonalize=orthogonalize, ns_schedule=NS_SCHEDULES[h.muon_ns_coeffs], runtime=runtime),
     ]
     return optimizers
 
@@ -1277,7 +1367,10 @@ class Trainer:
         # The bare model is kept for saving and quantizing; `compiled` for evaluation; `fwd` trains.
         self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
         self.fwd = self.compiled
-        if rt.distributed:
+        # GRAD_CLIP_PER_RANK=1 trains without DDP: each rank's gradients stay its own until clipped,
+        # then step() averages them. Every rank builds the same initialisation from SEED, which
+        # DDP would otherwise broadcast from rank 0.
+        if rt.distributed and not h.grad_clip_per_rank:
             self.fwd = nn.parallel.DistributedDataParallel(
                 self.compiled, device_ids=[rt.device.index] if rt.is_cuda else None, broadcast_buffers=False)
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
@@ -1288,7 +1381,7 @@ class Trainer:
         for micro in range(rt.grad_accum_steps):
             x, y = loader.next_batch(rt.micro_batch_seqs)
             x, y = rt.to_device(x), rt.to_device(y)
-            if rt.distributed:
+            if rt.distributed and not h.grad_clip_per_rank:
                 self.fwd.require_backward_grad_sync = micro == rt.grad_accum_steps - 1
             with rt.autocast():
                 loss = self.fwd(x, y)
@@ -1303,6 +1396,8 @@ class Trainer:
         if h.grad_clip_norm > 0:
             # Over every parameter, bigram.embed's stray gradient included, as the record.
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip_norm)
+        if h.grad_clip_per_rank and rt.distributed:
+            rt.average_gradients(list(self.model.parameters()))  # the mean of the ranks' clipped gradients
         for opt in self.optimizers:
             opt.step()
         # Only the optimizers zero their own gradients: bigram.embed's keeps accumulating (record quirk).

@@ -72,9 +72,16 @@ class RandomLoader:
         return t[:, :-1], t[:, 1:]
 
 
-@pytest.mark.parametrize("kernels", [{}, dict(fused_ce=True, fused_mlp=True)], ids=["math", "kernels"])
+# The frontier model's and optimizer's switches (tests/test_frontier_model.py): the two-lane
+# decoder is block 1 (looped decoder [0, 1], unlooped [1]); Muon in bf16, each rank's own clip.
+FRONTIER = dict(gate_attn_out=False, sparse_gate_scale=0.5, smear_pre_norm=True, smear_mask_bos=True,
+                parallel_lanes_start=1, muon_ns_coeffs="polar", muon_bf16_momentum=True, grad_clip_per_rank=True)
+
+
+@pytest.mark.parametrize("kernels", [{}, dict(fused_ce=True, fused_mlp=True), FRONTIER],
+                         ids=["math", "kernels", "frontier"])
 def test_whole_run_compiles_a_graph_per_mode_and_ttt_shape_without_breaks(graphs, kernels):
-    if kernels:
+    if kernels.get("fused_ce"):
         need_triton()
     h = tg.Hyperparameters(**TINY, **kernels)
     rt = tg.Runtime(h, environ={})  # one CPU process, compiling, with CPU bf16 autocast standing in for CUDA's
@@ -126,16 +133,19 @@ def test_whole_run_compiles_a_graph_per_mode_and_ttt_shape_without_breaks(graphs
     assert len(graphs) == 6, graphs
 
 
-def test_compiled_newton_schulz_stays_within_the_recompile_limit(graphs):
+@pytest.mark.parametrize("schedule, dtype", [("record", torch.float32), ("polar", torch.bfloat16)])
+def test_compiled_newton_schulz_stays_within_the_recompile_limit(graphs, schedule, dtype):
     """The record's torch.compile(zeropower_via_newtonschulz5) meets one matrix shape per Muon
     parameter kind (c_q, c_k/c_v, fc, mlp.proj, bigram.proj, smear_gate): shapes of the same
     aspects, scaled down. Each must compile without a break, and all of them within Dynamo's
-    recompile limit, or the last shapes would silently run eager."""
+    recompile limit, or the last shapes would silently run eager. Also with the Polar Express
+    schedule on the bf16 input MUON_BF16_MOMENTUM=1 hands it."""
     compiled = torch.compile(tg.zeropower_via_newtonschulz5)
+    coeffs = tg.NS_SCHEDULES[schedule]
     g = torch.Generator().manual_seed(0)
     for shape in [(64, 64), (32, 64), (256, 64), (64, 256), (64, 4), (1, 12)] * 2:
-        G = torch.randn(*shape, generator=g)
-        assert torch.allclose(compiled(G, 5), tg.zeropower_via_newtonschulz5(G, 5), atol=1e-5), shape
+        G = torch.randn(*shape, generator=g).to(dtype)
+        assert torch.allclose(compiled(G, 5, coeffs), tg.zeropower_via_newtonschulz5(G, 5, coeffs), atol=1e-5), shape
     assert graph_breaks() == {}
     assert 1 <= len(graphs) <= torch._dynamo.config.recompile_limit, graphs
 

@@ -108,14 +108,19 @@ def test_fa3_stand_in_refuses_what_fa3_refuses():
 UNPROBED_OK = {"TensorBase.__getitem__", "Tensor.backward", "scaled_dot_product_attention"}
 
 
-KERNEL_SWITCHES = {"math": {}, "kernels": dict(fused_ce=True, fused_mlp=True)}
+KERNEL_SWITCHES = {"math": {}, "kernels": dict(fused_ce=True, fused_mlp=True),
+                   # the frontier model's and optimizer's switches (tests/test_frontier_model.py), lanes from block 3
+                   "frontier": dict(gate_attn_out=False, sparse_gate_scale=0.5, smear_pre_norm=True, smear_mask_bos=True,
+                                    parallel_lanes_start=3, muon_ns_coeffs="polar", muon_bf16_momentum=True,
+                                    grad_clip_per_rank=True)}
 
 
 @pytest.fixture(scope="module", params=sorted(KERNEL_SWITCHES))
 def cuda_dtype_run(request):
     """Training micro-batch forward + backward and evaluation forward, looping off and on, of the
     model as built for CUDA, under emulated CUDA autocast; with the FA3 stand-in and with SDPA;
-    with the record's math and with the Triton kernels (FUSED_CE, FUSED_MLP) switched on."""
+    with the record's math, with the Triton kernels (FUSED_CE, FUSED_MLP) switched on, and with
+    the frontier switches on (sparse gate, SmearGate before the norm, the two-lane decoder)."""
     if request.param == "kernels":
         need_triton()
     results = {}

@@ -525,7 +525,9 @@ def test_default_pack_leaves_out_every_off_switch(default_pack):
     assert preset == pack.RECORD_DEFAULTS
     assert pins == {"init_state": "", "gptq_hessian_all_ranks": False, "fused_ce": False, "fused_mlp": False,
                     "bigram_train_embed": False, "smear_mask_bos": False, "attn_clip_sigmas": None,
-                    "mlp_clip_sigmas": None, "lqer_top_k": 0, "muon_ns_coeffs": "record", "compressor": "brotli"}
+                    "mlp_clip_sigmas": None, "lqer_top_k": 0, "muon_ns_coeffs": "record", "compressor": "brotli",
+                    "smear_pre_norm": False, "sparse_gate_scale": 0.0, "parallel_lanes_start": 0,
+                    "muon_bf16_momentum": False, "grad_clip_per_rank": False}
     assert len(default_pack.read_bytes()) < 18_097  # the record's own packed file
 
 
