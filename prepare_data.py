@@ -390,8 +390,11 @@ def caseops_decode(text: str) -> str:
     """The text whose CaseOps transform is `text`. ValueError names the position of a symbol that no
     transform puts there: a marker not followed by a letter, TITLE/ALLCAPS inside a word, CAPNEXT at
     a word's start, ESC before anything but a symbol, or a dangling one at the end. Capital ASCII
-    letters pass through (the normalizer can make them, e.g. NFKC of "Ａ" is "A"). Decoding a
-    tokenized document, sp.decode(ids), gives the transform of the text as the normalizer leaves it."""
+    letters pass through (the normalizer can make them, e.g. NFKC of "Ａ" is "A"). A tokenized
+    document decodes, sp.decode(ids), to the transform as the normalizer leaves it, and that decodes
+    here to the normalized text, except where NFKC composed a marked letter with a combining mark
+    after it ("A" + U+0301 is TITLE "a" U+0301, normalized TITLE "á"): refused, as a marker before a
+    non-ASCII letter. The sidecar is not affected: it counts the original text."""
     out = []
     in_word = word_caps = escaped = False
     pending = ""  # a marker waiting for its letter
