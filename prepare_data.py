@@ -31,6 +31,16 @@ own normalizer sees it, i.e. ``sp.normalize(text)`` with U+2581 turned back
 into spaces (nmt_nfkc applies NFKC, maps newlines and tabs to spaces, trims
 the ends and collapses runs of whitespace).
 
+``--caseops`` (the frontier record's CaseOps data): each document is first
+rewritten by ``caseops_encode``, a lossless transform that spells capitals as
+four private-use symbols (U+E001..U+E004), and the tokenizer must be a CaseOps
+one (trained here with those symbols as user-defined pieces 4..7, or reused
+with ``--tokenizer``). Beside each validation shard goes its byte sidecar
+``fineweb_val_bytes_NNNNNN.bin`` (same header, one uint16 per token: the
+original UTF-8 bytes the token stands for, BOS 0), from which train_gpt.py
+counts the bpb denominator with VAL_BYTE_SIDECAR=1. ``caseops_decode`` inverts
+the transform: ``caseops_decode(caseops_encode(text)) == text`` for any text.
+
 ``--demo`` builds a small real-English corpus from the docstrings of the
 Python standard library, so there is something to train on without any
 download; it writes them as DATA_DIR/demo_corpus.jsonl and reads that file
@@ -40,9 +50,11 @@ Usage:
     python prepare_data.py docs.jsonl more.jsonl --out DATA_DIR --vocab-size 8192
     python prepare_data.py *.txt --out DATA_DIR --tokenizer fineweb_8192_bpe.model
     python prepare_data.py --demo [--out ./data_demo] [--vocab-size 1024]
+    python prepare_data.py docs.jsonl --out DATA_DIR --vocab-size 8192 --caseops
 
 The module has no side effects on import; `write_shard`, `read_shard` (the
-reader of train_gpt.py), `train_tokenizer`, `demo_documents`, `write_jsonl`,
+reader of train_gpt.py), `train_tokenizer`, `caseops_encode`, `caseops_decode`,
+`caseops_byte_counts`, `demo_documents`, `write_jsonl`,
 `Settings`, `prepare` and `main` are meant to be used from other code and tests.
 """
 
@@ -54,6 +66,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -68,7 +81,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from train_gpt import HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, SHARD_VOCAB_LIMIT, atomic_write, read_shard  # noqa: F401
+from train_gpt import (  # noqa: F401
+    HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, SHARD_VOCAB_LIMIT, atomic_write, read_shard, sidecar_path)
 
 # --- Shard format --------------------------------------------------------------
 # A shard is 256 little-endian int32 header words ([0] magic, [1] version,
@@ -320,6 +334,189 @@ def _too_few_documents(found: int, val_docs: int, sources: list) -> ValueError:
     )
 
 
+# --- CaseOps ---------------------------------------------------------------
+# `--caseops` rewrites every document with a lossless case transform before it is tokenized, so
+# that "The", "THE" and "the" share the pieces of "the". Within each maximal run of ASCII letters:
+#   all lower case      -> unchanged                      "the"    -> "the"
+#   Title case          -> TITLE + lower case             "The"    -> TITLE "the"
+#   ALL CAPS (>= 2)     -> ALLCAPS + lower case           "THE"    -> ALLCAPS "the"
+#   anything else       -> TITLE if the first letter is a capital, then the letters in lower case
+#                          with CAPNEXT before each later capital: "McDonald" -> TITLE "mc" CAPNEXT "donald"
+# (a lone capital "A" is Title case: TITLE "a"). The four symbols are private-use characters;
+# one that occurs in the input is written ESC + itself, so every text has exactly one transform and
+# caseops_decode() gives it back. Nothing outside ASCII letters changes case: "Élan" keeps its É.
+# Such data is scored on the original text: the validation byte sidecar (below) gives each token
+# the number of ORIGINAL UTF-8 bytes it stands for, and train_gpt.py (VAL_BYTE_SIDECAR=1) divides by
+# those instead of the bytes of the pieces, which would count each symbol as 3 bytes.
+
+CASEOPS_TRANSFORM = "lossless_caps_caseops_v1"  # the transform's name in the manifest (and in the record's data)
+TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+# A CaseOps tokenizer has these as user-defined pieces (never merged with their neighbours), ids 4..7
+# in this order, right after pad/bos/eos/unk; byte fallback follows at 8..263.
+CASEOPS_SYMBOLS = (TITLE, ALLCAPS, CAPNEXT, ESC)
+# A reserved symbol, or a whole ASCII-letter run with a capital in it (runs without one are left
+# alone). The lookbehind makes every match start where a run starts, and keeps the search linear:
+# without it, each position of a long lower-case run would rescan the rest of the run.
+_CASEOPS_TOKEN = re.compile("[\ue001-\ue004]|(?<![A-Za-z])[a-z]*[A-Z][A-Za-z]*")
+# In transformed UTF-8: an escape (with the literal it escapes) or a case marker. U+E001..U+E004
+# encode as EE 80 81..84.
+_CASEOPS_CONTROL_BYTES = re.compile(rb"\xee\x80\x84(?:\xee\x80[\x81-\x84])?|\xee\x80[\x81-\x83]")
+SIDECAR_LIMIT = (1 << 16) - 1  # a sidecar entry is a uint16
+
+
+def _caseops_run(match: re.Match) -> str:
+    run = match.group()
+    if run in CASEOPS_SYMBOLS:
+        return ESC + run
+    lower = run.lower()
+    if len(run) >= 2 and run.isupper():
+        return ALLCAPS + lower
+    if run[0].isupper() and (len(run) == 1 or run[1:].islower()):
+        return TITLE + lower
+    head = TITLE if run[0].isupper() else ""
+    return head + lower[0] + "".join(CAPNEXT + c.lower() if c.isupper() else c for c in run[1:])
+
+
+def caseops_encode(text: str) -> str:
+    """The CaseOps transform of `text` (rules above); caseops_decode() inverts it exactly."""
+    return _CASEOPS_TOKEN.sub(_caseops_run, text)
+
+
+def _is_ascii_letter(ch: str) -> bool:
+    return "a" <= ch <= "z" or "A" <= ch <= "Z"
+
+
+def caseops_decode(text: str) -> str:
+    """The text whose CaseOps transform is `text`. ValueError names the position of a symbol that no
+    transform puts there: a marker not followed by a letter, TITLE/ALLCAPS inside a word, CAPNEXT at
+    a word's start, ESC before anything but a symbol, or a dangling one at the end. Capital ASCII
+    letters pass through (the normalizer can make them, e.g. NFKC of "Ａ" is "A"). A tokenized
+    document decodes, sp.decode(ids), to the transform as the normalizer leaves it, and that decodes
+    here to the normalized text, except where NFKC composed a marked letter with a combining mark
+    after it ("A" + U+0301 is TITLE "a" U+0301, normalized TITLE "á"): refused, as a marker before a
+    non-ASCII letter. The sidecar is not affected: it counts the original text."""
+    out = []
+    in_word = word_caps = escaped = False
+    pending = ""  # a marker waiting for its letter
+    for i, ch in enumerate(text):
+        where = f"CaseOps text: character {i + 1} ({ch!r})"
+        if escaped:
+            if ch not in CASEOPS_SYMBOLS:
+                raise ValueError(f"{where}: ESC (U+E004) escapes only U+E001..U+E004")
+            out.append(ch)
+            escaped = in_word = False
+        elif ch in CASEOPS_SYMBOLS:
+            if pending:
+                raise ValueError(f"{where} follows a marker that needs a letter")
+            if ch in (TITLE, ALLCAPS) and in_word:
+                raise ValueError(f"{where}: TITLE/ALLCAPS inside a word")
+            if ch == CAPNEXT and not in_word:
+                raise ValueError(f"{where}: CAPNEXT at the start of a word")
+            escaped = ch == ESC
+            pending = "" if escaped else ch
+        elif _is_ascii_letter(ch):
+            if not in_word:
+                word_caps, in_word = pending == ALLCAPS, True
+            out.append(ch.upper() if pending or word_caps else ch)
+            pending = ""
+        elif pending:
+            raise ValueError(f"{where}: a case marker must be followed by an ASCII letter")
+        else:
+            out.append(ch)
+            in_word = False
+    if escaped or pending:
+        raise ValueError(f"CaseOps text ends with a dangling {'ESC' if escaped else 'case marker'}")
+    return "".join(out)
+
+
+def _proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a serialized protobuf message: varints as int, strings as bytes."""
+    i, n = 0, len(data)
+    while i < n:
+        key, i = _varint(data, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(data, i)
+        elif wire == 2:
+            length, i = _varint(data, i)
+            value, i = data[i: i + length], i + length
+        elif wire in (1, 5):  # fixed 64/32-bit (the message's float score): not needed
+            value, i = b"", i + (8 if wire == 1 else 4)
+        else:
+            raise RuntimeError(f"unexpected protobuf wire type {wire} in SentencePiece's output")
+        yield key >> 3, value
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, i
+
+
+def _pieces_and_spans(serialized: bytes) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Ids and input byte ranges [begin, end) of the pieces of one SentencePieceText message
+    (pieces = field 2; in a piece, id = 2, begin = 4, end = 5). Parsed here: SentencePiece's own
+    'proto' output needs the protobuf package, and its 'immutable_proto' is gone from 0.2.x."""
+    ids, begins, ends = [], [], []
+    for number, piece in _proto_fields(serialized):
+        if number == 2:
+            fields = dict(_proto_fields(piece))
+            ids.append(fields.get(2, 0))
+            begins.append(fields.get(4, 0))
+            ends.append(fields.get(5, 0))
+    return ids, np.asarray(begins, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+
+def caseops_byte_counts(transformed: str, begins: np.ndarray, ends: np.ndarray, where: str) -> np.ndarray:
+    """Original UTF-8 bytes each token of a document stands for: its validation sidecar entries.
+
+    `transformed` is caseops_encode(document); token i covers its UTF-8 bytes [begins[i], ends[i]),
+    as SentencePiece aligns pieces with the input it was given. Every byte of that input counts 1,
+    except the 3 bytes of each case marker and of each escaping ESC, which count 0 (an escaped
+    literal keeps its 3): so a token counts exactly the original bytes it covers, and the tokens of a
+    document sum to len(document.encode("utf-8")). Where the normalizer (nmt_nfkc) changes the text,
+    what is counted is the ORIGINAL text a piece covers, never the piece's own bytes:
+      - NFKC rewrites ("ﬁ" -> "fi", "Ａ" -> "A", "e" + U+0301 -> "é"): the pieces covering the
+        character count its original bytes ("ﬁ" 3, though the piece "fi" is 2);
+      - whitespace runs collapsed to one "▁" (tabs, newlines, "\n\n", runs of spaces): the piece
+        holding that "▁" counts the whole run;
+      - characters the normalizer deletes inside the text (zero-width space, other format and
+        control characters): counted by the piece that follows them, which SentencePiece aligns
+        with them;
+      - characters it deletes at the document's start or end (leading and trailing whitespace),
+        which no piece covers: counted by the first and by the last token;
+      - byte fallback: the last byte piece of a character counts the character, the others 0.
+    Markers and ESC count 0; BOS (not a token of this list) counts 0. A token of more than 65,535
+    bytes (a very long whitespace run) does not fit the uint16 sidecar: ValueError naming `where`,
+    as for a document with bytes but no token (one of characters the normalizer deletes)."""
+    raw = transformed.encode("utf-8")
+    weight = np.ones(len(raw), dtype=np.int64)
+    for m in _CASEOPS_CONTROL_BYTES.finditer(raw):
+        weight[m.start(): m.start() + 3] = 0  # the marker, or the escape in front of a literal
+    covered = np.concatenate(([0], np.cumsum(weight)))
+    total = int(covered[-1])
+    if begins.size == 0:
+        if total:
+            raise ValueError(f"{where} has {total} bytes but no token (the normalizer deletes all its characters), "
+                             "so the byte sidecar cannot count them; remove it from the validation documents")
+        return np.zeros(0, dtype=np.int64)
+    if (begins[1:] != ends[:-1]).any() or (ends < begins).any():
+        raise RuntimeError(f"{where}: SentencePiece's pieces do not cover the text contiguously, "
+                           "so the byte sidecar cannot be computed")
+    counts = covered[ends] - covered[begins]
+    counts[0] += covered[begins[0]]  # deleted at the start
+    counts[-1] += total - covered[ends[-1]]  # deleted at the end
+    if counts.max() > SIDECAR_LIMIT:
+        raise ValueError(f"{where}: a token stands for {int(counts.max()):,} original bytes (a long run of "
+                         f"whitespace?), more than the uint16 byte sidecar holds ({SIDECAR_LIMIT:,})")
+    return counts
+
+
 # --- Tokenizer ---------------------------------------------------------------
 
 
@@ -334,8 +531,9 @@ def _check_vocab_size(vocab_size: int) -> None:
         raise ValueError(f"vocab size must be positive, got {vocab_size}")
 
 
-def _check_tokenizer(sp: spm.SentencePieceProcessor, source: str) -> None:
-    """Refuse tokenizers the shards or the training script cannot use."""
+def _check_tokenizer(sp: spm.SentencePieceProcessor, source: str, caseops: bool = False) -> None:
+    """Refuse tokenizers the shards or the training script cannot use, and a CaseOps tokenizer
+    used without the transform or a plain one with it."""
     vocab = sp.vocab_size()
     if vocab > SHARD_VOCAB_LIMIT:
         raise ValueError(
@@ -350,6 +548,13 @@ def _check_tokenizer(sp: spm.SentencePieceProcessor, source: str) -> None:
             f"{source}: the tokenizer has no '{SPACE_PIECE}' (U+2581) piece of its own; "
             "train_gpt.py cannot count bytes with it (the training text probably has almost no spaces)"
         )
+    has_symbols = all(len(sp.encode(c)) == 1 and sp.id_to_piece(sp.encode(c)[0]) == c for c in CASEOPS_SYMBOLS)
+    if caseops and not has_symbols:
+        raise ValueError(f"{source} is not a CaseOps tokenizer: --caseops needs U+E001..U+E004 as pieces of their "
+                         "own (train one with --caseops --vocab-size V, or pass the record's CaseOps model)")
+    if has_symbols and not caseops:
+        raise ValueError(f"{source} is a CaseOps tokenizer (U+E001..U+E004 are pieces of its own): pass --caseops, "
+                         "so that the text is transformed and the validation byte sidecar written")
 
 
 def _load_tokenizer(model_bytes: bytes, source: str) -> spm.SentencePieceProcessor:
@@ -368,22 +573,25 @@ def _vocab_listing(sp: spm.SentencePieceProcessor) -> bytes:
     return "".join(lines).encode("utf-8")
 
 
-def _train_settings(vocab_size: int, documents: list[str]) -> dict:
+def _train_settings(vocab_size: int, documents: list[str], caseops: bool = False) -> dict:
     longest = max((len(d.encode("utf-8")) for d in documents), default=0)
     return {
         **CHALLENGE_TOKENIZER_SETTINGS,
+        # The case symbols as user-defined pieces: ids 4..7, each always a token of its own.
+        **({"user_defined_symbols": list(CASEOPS_SYMBOLS)} if caseops else {}),
         "vocab_size": int(vocab_size),
         **DETERMINISTIC_TRAINER_SETTINGS,
         "max_sentence_length": max(SENTENCEPIECE_DEFAULT_MAX_SENTENCE_LENGTH, longest),
     }
 
 
-def _train_model_bytes(documents: list[str], vocab_size: int) -> tuple[bytes, dict]:
-    """Train a BPE tokenizer in memory; return the serialized model and the settings used."""
+def _train_model_bytes(documents: list[str], vocab_size: int, caseops: bool = False) -> tuple[bytes, dict]:
+    """Train a BPE tokenizer in memory; return the serialized model and the settings used. With
+    `caseops`, `documents` must already be transformed (caseops_encode)."""
     _check_vocab_size(vocab_size)
     if not documents:
         raise ValueError("cannot train a tokenizer on no documents")
-    settings = _train_settings(vocab_size, documents)
+    settings = _train_settings(vocab_size, documents, caseops)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -416,19 +624,21 @@ def _explain_training_error(exc: RuntimeError, vocab_size: int, n_docs: int) -> 
     return ValueError(f"SentencePiece training failed: {message}")
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str | os.PathLike) -> Path:
+def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str | os.PathLike,
+                    *, caseops: bool = False) -> Path:
     """Train a SentencePiece BPE tokenizer with the challenge's settings.
 
     Writes `model_path` and the matching `.vocab` listing next to it, and
     returns `model_path`. Training is deterministic: the same documents and
     vocab size give a byte-identical model. Every document is one training
-    sentence; empty ones are ignored.
+    sentence; empty ones are ignored. With `caseops`, a CaseOps tokenizer:
+    trained on caseops_encode() of the documents, the four symbols at ids 4..7.
     """
-    docs = [d for d in documents if not _is_empty(d)]
-    model_bytes, _ = _train_model_bytes(docs, vocab_size)
+    docs = [caseops_encode(d) if caseops else d for d in documents if not _is_empty(d)]
+    model_bytes, _ = _train_model_bytes(docs, vocab_size, caseops)
     model_path = Path(model_path)
     sp = _load_tokenizer(model_bytes, str(model_path))
-    _check_tokenizer(sp, f"trained tokenizer {model_path}")
+    _check_tokenizer(sp, f"trained tokenizer {model_path}", caseops)
     atomic_write(model_path, model_bytes)
     atomic_write(model_path.with_suffix(".vocab"), _vocab_listing(sp))
     return model_path
@@ -470,21 +680,26 @@ def demo_documents() -> list[str]:
 
 
 class _ShardWriter:
-    """Accumulates one split's token stream and writes full shards as it goes."""
+    """Accumulates one split's token stream and writes full shards as it goes; with `sidecar`, also
+    the per-token byte counts, cut at the same places into fineweb_val_bytes_NNNNNN.bin beside them."""
 
-    def __init__(self, directory: Path, split: str, shard_tokens: int, rel_dir: str):
+    def __init__(self, directory: Path, split: str, shard_tokens: int, rel_dir: str, sidecar: bool = False):
         self.directory = directory
         self.split = split
         self.shard_tokens = shard_tokens
         self.rel_dir = rel_dir
+        self.sidecar = sidecar
         self.pending: list[np.ndarray] = []
+        self.pending_counts: list[np.ndarray] = []
         self.pending_tokens = 0
         self.shards: list[dict] = []
         self.documents = 0
         self.documents_without_tokens = 0
         self.tokens = 0
+        self.original_bytes = 0
 
-    def add_documents(self, encoded: list[list[int]]) -> None:
+    def add_documents(self, encoded: list[list[int]], counts: list[np.ndarray] | None = None) -> None:
+        """Append documents ([BOS] + ids each); `counts`: the sidecar entries of each one's ids."""
         flat: list[int] = []
         for ids in encoded:
             flat.append(BOS_ID)
@@ -495,36 +710,53 @@ class _ShardWriter:
         self.documents += len(encoded)
         self.tokens += len(flat)
         self.pending.append(np.asarray(flat, dtype=np.uint16))
+        if counts is not None:
+            bos = np.zeros(1, dtype=np.uint16)  # BOS stands for no byte of the text
+            self.pending_counts.extend(part for c in counts for part in (bos, c.astype(np.uint16)))
+            self.original_bytes += int(sum(int(c.sum()) for c in counts))
         self.pending_tokens += len(flat)
         if self.pending_tokens >= self.shard_tokens:
             # Cut as many full shards as the stream holds; a document may end
             # up split across two shards, as in the upstream data.
             stream = np.concatenate(self.pending)
+            side = np.concatenate(self.pending_counts) if self.sidecar else None
             start = 0
             while len(stream) - start >= self.shard_tokens:
-                self._write(stream[start : start + self.shard_tokens])
-                start += self.shard_tokens
+                end = start + self.shard_tokens
+                self._write(stream[start:end], None if side is None else side[start:end])
+                start = end
             rest = stream[start:].copy()  # a copy, so the big stream can be freed
             self.pending = [rest]
+            self.pending_counts = [] if side is None else [side[start:].copy()]
             self.pending_tokens = len(rest)
 
     def close(self) -> None:
         if self.pending_tokens:
-            self._write(np.concatenate(self.pending))
-        self.pending, self.pending_tokens = [], 0
+            self._write(np.concatenate(self.pending), np.concatenate(self.pending_counts) if self.sidecar else None)
+        self.pending, self.pending_counts, self.pending_tokens = [], [], 0
 
-    def _write(self, tokens: np.ndarray) -> None:
+    def _write(self, tokens: np.ndarray, counts: np.ndarray | None) -> None:
         name = f"fineweb_{self.split}_{len(self.shards):06d}.bin"
         path = write_shard(self.directory / name, tokens)
-        self.shards.append({"file": f"{self.rel_dir}/{name}", "tokens": int(len(tokens)), "sha256": _sha256_file(path)})
+        shard = {"file": f"{self.rel_dir}/{name}", "tokens": int(len(tokens)), "sha256": _sha256_file(path)}
+        if counts is not None:
+            if len(counts) != len(tokens):
+                raise RuntimeError(f"{name}: {len(counts)} byte counts for {len(tokens)} tokens")
+            side = write_shard(sidecar_path(path), counts)  # train_gpt.py's name for it: one home
+            shard["byte_sidecar"] = {"file": f"{self.rel_dir}/{side.name}", "bytes": int(counts.sum(dtype=np.int64)),
+                                     "sha256": _sha256_file(side)}
+        self.shards.append(shard)
 
     def summary(self) -> dict:
-        return {
+        out = {
             "documents": self.documents,
             "tokens": self.tokens,
             "documents_without_tokens": self.documents_without_tokens,
             "shards": self.shards,
         }
+        if self.sidecar:
+            out["original_bytes"] = self.original_bytes  # the sidecar's sum: the documents' UTF-8 bytes
+        return out
 
 
 def _check_positive(name: str, value: int, upper: int | None = None) -> None:
@@ -542,7 +774,9 @@ class Settings:
     document each); `input_format` ("auto", "jsonl", "text") overrides the choice by extension.
     Give `vocab_size` to train a tokenizer on the first `tokenizer_train_docs` training
     documents, or `tokenizer` to reuse a SentencePiece model (then `vocab_size`, if given, must
-    match it). An existing dataset directory is replaced only with `overwrite`."""
+    match it). An existing dataset directory is replaced only with `overwrite`. `caseops`: every
+    document is CaseOps-transformed before it is tokenized (the tokenizer must be a CaseOps one,
+    or is trained as one), and the validation split gets its byte sidecar."""
 
     inputs: Sequence[str | os.PathLike]
     out_dir: str | os.PathLike
@@ -554,6 +788,7 @@ class Settings:
     quiet: bool = False
     input_format: str = "auto"
     overwrite: bool = False
+    caseops: bool = False
     sources: list[_InputFile] = field(init=False)
     tokenizer_bytes: bytes | None = field(init=False, default=None)
 
@@ -592,12 +827,14 @@ def prepare(
     *,
     input_format: str = "auto",
     overwrite: bool = False,
+    caseops: bool = False,
 ) -> dict:
     """Tokenize `inputs` into the challenge layout under `out_dir`; return the manifest.
     The arguments are those of `Settings`."""
     return prepare_settings(Settings(
         inputs, out_dir, vocab_size=vocab_size, tokenizer=tokenizer, val_docs=val_docs, shard_tokens=shard_tokens,
-        tokenizer_train_docs=tokenizer_train_docs, quiet=quiet, input_format=input_format, overwrite=overwrite))
+        tokenizer_train_docs=tokenizer_train_docs, quiet=quiet, input_format=input_format, overwrite=overwrite,
+        caseops=caseops))
 
 
 def prepare_settings(s: Settings) -> dict:
@@ -714,7 +951,7 @@ def _resolve_tokenizer(s: Settings, progress: _Progress) -> _Tokenizer:
     """Reuse s.tokenizer, or train one on the first training documents (never on validation ones)."""
     if s.tokenizer_bytes is not None:
         sp = _load_tokenizer(s.tokenizer_bytes, str(s.tokenizer))
-        _check_tokenizer(sp, str(s.tokenizer))
+        _check_tokenizer(sp, str(s.tokenizer), s.caseops)
         if s.vocab_size is not None and s.vocab_size != sp.vocab_size():
             raise ValueError(
                 f"{s.tokenizer} has vocab size {sp.vocab_size()}, but vocab size {s.vocab_size} was asked for"
@@ -738,12 +975,15 @@ def _resolve_tokenizer(s: Settings, progress: _Progress) -> _Tokenizer:
         raise _too_few_documents(seen, s.val_docs, s.sources)
     n_bytes = sum(len(d.encode("utf-8")) for d in train_docs)
     progress.note(
-        f"training a {s.vocab_size}-piece BPE tokenizer on {len(train_docs):,} documents ({n_bytes:,} bytes)"
+        f"training a {s.vocab_size}-piece {'CaseOps ' if s.caseops else ''}BPE tokenizer on {len(train_docs):,} "
+        f"documents ({n_bytes:,} bytes)"
     )
     t0 = time.monotonic()
-    model_bytes, settings = _train_model_bytes(train_docs, s.vocab_size)
+    if s.caseops:
+        train_docs = [caseops_encode(d) for d in train_docs]
+    model_bytes, settings = _train_model_bytes(train_docs, s.vocab_size, s.caseops)
     sp = _load_tokenizer(model_bytes, "trained tokenizer")
-    _check_tokenizer(sp, "trained tokenizer")
+    _check_tokenizer(sp, "trained tokenizer", s.caseops)
     progress.note(f"tokenizer trained in {time.monotonic() - t0:.1f}s")
     info = {
         "source": "trained",
@@ -761,7 +1001,8 @@ def _encode(s: Settings, sp: spm.SentencePieceProcessor, stage_dataset: Path, re
             progress: _Progress) -> tuple[dict[str, _ShardWriter], list[dict]]:
     """Encode every document, in order, into shards: the first s.val_docs go to val."""
     writers = {
-        split: _ShardWriter(stage_dataset, split, s.shard_tokens, rel_dataset) for split in ("val", "train")
+        split: _ShardWriter(stage_dataset, split, s.shard_tokens, rel_dataset, sidecar=s.caseops and split == "val")
+        for split in ("val", "train")
     }
     input_stats = [{} for _ in s.sources]
     batch: list[str] = []
@@ -772,11 +1013,14 @@ def _encode(s: Settings, sp: spm.SentencePieceProcessor, stage_dataset: Path, re
     def flush() -> None:
         nonlocal batch, batch_chars
         if batch:
-            encoded = sp.encode(
-                batch, out_type=int, add_bos=False, add_eos=False, enable_sampling=False,
-                num_threads=ENCODE_THREADS,
-            )
-            writers[batch_split].add_documents(encoded)
+            texts = [caseops_encode(t) for t in batch] if s.caseops else batch
+            options = dict(add_bos=False, add_eos=False, enable_sampling=False, num_threads=ENCODE_THREADS)
+            if writers[batch_split].sidecar:
+                first = seen - len(batch) + 1
+                encoded, counts = _encode_with_sidecar(sp, batch, texts, first, options)
+                writers[batch_split].add_documents(encoded, counts)
+            else:
+                writers[batch_split].add_documents(sp.encode(texts, out_type=int, **options))
             batch, batch_chars = [], 0
             progress.update(seen, writers["val"].tokens + writers["train"].tokens)
 
@@ -802,13 +1046,37 @@ def _encode(s: Settings, sp: spm.SentencePieceProcessor, stage_dataset: Path, re
     return writers, input_stats
 
 
+def _encode_with_sidecar(sp: spm.SentencePieceProcessor, originals: list[str], texts: list[str], first: int,
+                         options: dict) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Ids of the transformed `texts` and each one's sidecar entries (caseops_byte_counts), from
+    one encoding that gives both, so that they cannot disagree; `first`: the 1-based number of the
+    batch's first document, for messages. Each document's entries are checked to sum to its
+    original UTF-8 length."""
+    encoded, counts = [], []
+    for k, raw in enumerate(sp.encode(texts, out_type="serialized_proto", **options)):
+        ids, begins, ends = _pieces_and_spans(raw)
+        where = f"validation document {first + k:,} (non-empty documents counted from 1)"
+        c = caseops_byte_counts(texts[k], begins, ends, where)
+        if int(c.sum()) != len(originals[k].encode("utf-8")):
+            raise RuntimeError(f"{where}: the byte sidecar sums to {int(c.sum())}, "
+                               f"not to its {len(originals[k].encode('utf-8'))} UTF-8 bytes")
+        encoded.append(ids)
+        counts.append(c)
+    return encoded, counts
+
+
 def _manifest(s: Settings, tok: _Tokenizer, dest: dict[str, Path], writers: dict[str, _ShardWriter],
               input_stats: list[dict]) -> dict:
     return {
         "format": {
             "shard_header": f"{HEADER_WORDS} little-endian int32: magic {SHARD_MAGIC}, version {SHARD_VERSION}, n_tokens",
             "token_dtype": "little-endian uint16",
-            "document": f"[BOS={BOS_ID}] + sentencepiece ids, no EOS",
+            "document": f"[BOS={BOS_ID}] + sentencepiece ids" + (" of caseops_encode(text)" if s.caseops else "")
+            + ", no EOS",
+            **({"text_transform": CASEOPS_TRANSFORM,
+                "byte_sidecar": "fineweb_val_bytes_NNNNNN.bin beside each val shard: the same header and length, "
+                                "a little-endian uint16 per token: the original UTF-8 bytes it stands for (BOS 0)"}
+               if s.caseops else {}),
         },
         "inputs": input_stats,
         "tokenizer": {
@@ -822,6 +1090,7 @@ def _manifest(s: Settings, tok: _Tokenizer, dest: dict[str, Path], writers: dict
             "val_docs": s.val_docs,
             "shard_tokens": s.shard_tokens,
             "tokenizer_train_docs": s.tokenizer_train_docs,
+            "caseops": s.caseops,
         },
         "splits": {split: writer.summary() for split, writer in writers.items()},
     }
@@ -871,6 +1140,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="train the tokenizer on the first K training documents (default %(default)s)")
     parser.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
                         help="input format; auto: .jsonl/.ndjson are JSONL, anything else plain text")
+    parser.add_argument("--caseops", action="store_true",
+                        help="CaseOps: transform each document losslessly (capitals become case markers) before "
+                        "tokenizing, with a CaseOps tokenizer, and write the validation byte sidecar "
+                        "(train with VAL_BYTE_SIDECAR=1)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     return parser
@@ -893,8 +1166,14 @@ def _summary(manifest: dict, out_dir: Path, elapsed: float) -> str:
     skipped = sum(i["empty_documents_skipped"] for i in manifest["inputs"])
     if skipped:
         lines.append(f"skipped {skipped:,} empty documents")
+    caseops = manifest["settings"]["caseops"]
+    if caseops:
+        val = manifest["splits"]["val"]
+        lines.append(f"CaseOps: validation byte sidecar beside the val shards, {val['original_bytes']:,} bytes "
+                     f"(the validation documents' UTF-8 bytes) over {val['tokens']:,} tokens")
     lines.append(f"done in {elapsed:.1f}s; train on it with:")
-    lines.append(f"  DATA_DIR={shlex.quote(str(out_dir))} VOCAB_SIZE={vocab} python train_gpt.py")
+    lines.append(f"  DATA_DIR={shlex.quote(str(out_dir))} VOCAB_SIZE={vocab}{' VAL_BYTE_SIDECAR=1' if caseops else ''} "
+                 "python train_gpt.py")
     return "\n".join(lines)
 
 
@@ -958,7 +1237,7 @@ def _run(args, out_dir: Path, vocab_size: int | None, t0: float) -> int:
             inputs, out_dir, vocab_size=vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
             shard_tokens=DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens,
             tokenizer_train_docs=args.tokenizer_train_docs, quiet=args.quiet, input_format=args.format,
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, caseops=args.caseops)
         manifest = prepare_settings(settings)
     except (ValueError, OSError, RuntimeError) as exc:
         raise SystemExit(f"prepare_data.py: error: {exc}") from None

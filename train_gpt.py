@@ -73,6 +73,7 @@ class Hyperparameters:
     data_dir: str = "./data/"  # root of the upstream layout (datasets/, tokenizers/)
     data_path: str = ""  # default: DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}
     tokenizer_path: str = ""  # default: DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model
+    val_byte_sidecar: bool = switch(False)  # 1: bpb bytes from the val shards' byte sidecars (CaseOps data), not the tables
     run_id: str = ""  # default: a fresh uuid4
     seed: int = 1337  # torch.manual_seed at the start of the run (initialisation)
     init_state: str = switch("")  # a saved state dict to start from instead of the initialisation
@@ -191,7 +192,10 @@ class Hyperparameters:
         if not self.tokenizer_path:
             self.tokenizer_path = os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe.model")
         self.train_files = os.path.join(self.data_path, "fineweb_train_*.bin")
-        self.val_files = os.path.join(self.data_path, "fineweb_val_*.bin")
+        # With VAL_BYTE_SIDECAR=1 the fineweb_val_bytes_* sidecars lie beside the val shards: not shards.
+        # Without it, a data folder that has them is refused (main), so the wider pattern cannot meet one.
+        self.val_files = os.path.join(self.data_path, "fineweb_val_[0-9]*.bin" if self.val_byte_sidecar
+                                      else "fineweb_val_*.bin")
         self.validate()
         if self.fused_ce or self.fused_mlp:
             load_kernels(self)  # a missing Triton stops here, before any work
@@ -455,8 +459,9 @@ class Logger:
 # -----------------------------------------------------------------------------
 # TOKENIZER & BPB
 #   bpb = (nats/token / ln 2) * (tokens/bytes). The byte count of each scored token comes
-#   from lookup tables over the vocabulary; this is where submissions have been
-#   disqualified, so each rule below is pinned by a test.
+#   from lookup tables over the vocabulary (with VAL_BYTE_SIDECAR=1, CaseOps data, from the
+#   validation byte sidecar instead); this is where submissions have been disqualified, so
+#   each rule below is pinned by a test.
 # -----------------------------------------------------------------------------
 
 
@@ -499,6 +504,15 @@ def token_bytes(prev_ids: Tensor, target_ids: Tensor, luts) -> Tensor:
     return nbytes + (has_leading_space[target_ids] & ~is_boundary[prev_ids]).to(torch.int32)
 
 
+def sidecar_window_bytes(counts: Tensor, windows, shape) -> Tensor:
+    """The sidecar's bytes of each window's targets, laid out as score_windows lays out y: the
+    targets of window (start, _, end) are tokens start+1..end, so are their byte counts."""
+    out = torch.zeros(shape, dtype=torch.int32)
+    for r, (start, _, end) in enumerate(windows):
+        out[r, : end - start] = counts[start + 1: end + 1]
+    return out
+
+
 def load_tokenizer(h: Hyperparameters):
     import sentencepiece as spm
 
@@ -516,7 +530,8 @@ def load_tokenizer(h: Hyperparameters):
 #   Shards: 256 int32 header words (magic, version, n_tokens), then n_tokens uint16 ids.
 #   The training loader reproduces the record's draw sequence call for call (SPEC §1): each
 #   rank owns every world_size-th shard and an RNG seeded with its rank (not SEED), so every
-#   seed sees the same data and a run is step-comparable with the record's.
+#   seed sees the same data and a run is step-comparable with the record's. CaseOps data has,
+#   beside each val shard, a byte sidecar in the same format holding a uint16 byte count per token.
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
@@ -566,6 +581,48 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tenso
         raise ValueError(f"validation split {pattern} has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
     tokens = tokens[: usable + 1]
     return torch.from_numpy(tokens.astype(np.int64))
+
+
+SIDECAR_PREFIX = "fineweb_val_bytes_"  # the byte sidecar of fineweb_val_000000.bin is fineweb_val_bytes_000000.bin
+
+
+def sidecar_path(shard: str | os.PathLike) -> str:
+    """The byte sidecar of a validation shard: fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin,
+    in the same folder (the layout of the record's CaseOps data; prepare_data.py --caseops writes it)."""
+    folder, name = os.path.split(os.fspath(shard))
+    if not name.startswith("fineweb_val_"):
+        raise ValueError(f"{shard} is not a validation shard (fineweb_val_NNNNNN.bin), so it has no byte sidecar")
+    return os.path.join(folder, SIDECAR_PREFIX + name[len("fineweb_val_"):])
+
+
+def load_validation_sidecar(h: Hyperparameters, val_tokens: Tensor) -> Tensor:
+    """VAL_BYTE_SIDECAR=1: the original UTF-8 bytes of each validation token (int32, on the host),
+    read from the sidecar beside each val shard and truncated as the tokens are. CaseOps text holds
+    case markers that stand for no byte of the original, and normalization changes what a piece
+    spells, so the tables cannot count these bytes; the data writer, which saw the original
+    text, recorded them. A sidecar that is missing, corrupt, of another length than its shard, or
+    not zero at a BOS (then it belongs to other shards) stops the run here, named."""
+    parts = []
+    shards = shard_files(h.val_files)
+    for f in shards:
+        side = sidecar_path(f)
+        if not os.path.isfile(side):
+            raise FileNotFoundError(f"VAL_BYTE_SIDECAR=1: the byte sidecar {side} of {f} does not exist "
+                                    "(prepare_data.py --caseops writes it)")
+        counts, n = read_shard(side), len(read_shard(f))
+        if len(counts) != n:
+            raise ValueError(f"VAL_BYTE_SIDECAR=1: byte sidecar {side} has {len(counts)} entries, "
+                             f"but its shard {f} has {n} tokens")
+        parts.append(np.asarray(counts))
+    stray = sorted(set(glob.glob(sidecar_path(h.val_files))) - {sidecar_path(f) for f in shards})
+    if stray:
+        raise ValueError(f"VAL_BYTE_SIDECAR=1: byte sidecar {stray[0]} has no validation shard beside it")
+    counts = torch.from_numpy(np.concatenate(parts)[: val_tokens.numel()].astype(np.int32))
+    at_bos = counts[val_tokens == 1]  # id 1: BOS, which stands for no byte
+    if at_bos.any():
+        raise ValueError(f"VAL_BYTE_SIDECAR=1: the byte sidecars of {h.val_files} give a BOS token "
+                         f"{int(at_bos.max())} bytes: they do not belong to these shards")
+    return counts
 
 
 class ShuffledSequenceLoader:
@@ -2158,7 +2215,8 @@ def rank_share(n: int, rank: int, world: int) -> range:
 @torch.no_grad()
 def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtime, luts) -> Tensor:
     """Sum of NLL, scored token count and byte count over the windows (this rank's share only).
-    `model` is the GPT or its compiled wrapper; compiled, every batch is padded to one shape."""
+    `model` is the GPT or its compiled wrapper; compiled, every batch is padded to one shape.
+    `luts`: the byte tables, or with VAL_BYTE_SIDECAR=1 the sidecar's counts of `tokens`."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     model.eval()
     for b in range(0, len(windows), h.eval_batch_seqs):
@@ -2174,14 +2232,18 @@ def score_windows(model, tokens: Tensor, windows, h: Hyperparameters, rt: Runtim
             x[r, : end - start] = tokens[start:end]
             y[r, : end - start] = tokens[start + 1: end + 1]
             mask[r, score_from - start: end - start] = True  # later padding cannot reach earlier positions: causal
+        if h.val_byte_sidecar:  # `luts` is the sidecar's counts of the validation tokens
+            nbytes = rt.to_device(sidecar_window_bytes(luts, batch, x.shape))
         x, y, mask = rt.to_device(x), rt.to_device(y), rt.to_device(mask)
         with rt.autocast():
             nll = model(x, y, reduction="none")
+        if not h.val_byte_sidecar:
+            nbytes = token_bytes(x, y, luts)
         # Masked sums, not nll[mask]: boolean indexing has a data-dependent size, so it would
         # stop the host for the device twice per batch.
         sums[0] += torch.where(mask, nll.double(), 0.0).sum()
         sums[1] += mask.sum()
-        sums[2] += torch.where(mask, token_bytes(x, y, luts), 0).sum()
+        sums[2] += torch.where(mask, nbytes, 0).sum()
     return sums
 
 
@@ -2392,6 +2454,11 @@ def main() -> int:
     sp = load_tokenizer(h)
     luts = build_sentencepiece_luts(sp, h.vocab_size, rt.device)
     val_tokens = load_validation_tokens(h.val_files, h.eval_seq_len, h.vocab_size)
+    if h.val_byte_sidecar:
+        luts = load_validation_sidecar(h, val_tokens)  # every evaluation counts the target bytes from it
+        log(f"val_byte_sidecar: {int(luts[1:].sum())} bytes")
+    elif glob.glob(os.path.join(h.data_path, SIDECAR_PREFIX + "*")):  # CaseOps data: a table counts a marker as 3 bytes
+        raise ValueError(f"{h.data_path} has byte sidecars: set VAL_BYTE_SIDECAR=1")
     log(f"val_tokens:{val_tokens.numel() - 1} train_shards:{len(shard_files(h.train_files))}")
 
     if h.eval_only:
