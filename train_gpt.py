@@ -1193,7 +1193,7 @@ class GPT(nn.Module):
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
         return self.softcap * torch.tanh(logits / self.softcap) if capped else logits
 
-    def forward(self, ids: Tensor, targets: Tensor, cu_seqlens: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None) -> Tensor:
         """Mean NLL in nats, or per-token NLL (fp32, shape of targets) with reduction='none'.
         Training, evaluation and TTT all call this one function (VARLEN=1 training with cu_seqlens)."""
         if self.h.fused_ce:  # soft-cap and CE in one kernel: no capped or fp32 logits are written
@@ -1407,11 +1407,12 @@ class Trainer:
         h, rt = self.h, self.rt
         total = torch.zeros((), device=rt.device)
         for micro in range(rt.grad_accum_steps):
-            batch = [rt.to_device(t) for t in loader.next_batch(rt.micro_batch_seqs)]  # x, y (VARLEN=1: and cu_seqlens)
+            x, y, *cu_seqlens = loader.next_batch(rt.micro_batch_seqs)  # VARLEN=1: and cu_seqlens
+            x, y = rt.to_device(x), rt.to_device(y)
             if rt.distributed:
                 self.fwd.require_backward_grad_sync = micro == rt.grad_accum_steps - 1
             with rt.autocast():
-                loss = self.fwd(*batch)
+                loss = self.fwd(x, y, cu_seqlens=rt.to_device(cu_seqlens[0])) if h.varlen else self.fwd(x, y)
             (loss / rt.grad_accum_steps).backward()
             total += loss.detach()
         warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
@@ -1483,7 +1484,7 @@ def compile_varlen_lengths(h: Hyperparameters, trainer: Trainer, loader: Documen
     for length in range(fewest.numel(), VARLEN_WARM_LENGTHS * VARLEN_CU_BUCKET + 1, VARLEN_CU_BUCKET):
         cu = F.pad(fewest, (0, length - fewest.numel()), value=x.size(1))
         with rt.autocast():
-            loss = trainer.fwd(x, y, rt.to_device(cu))
+            loss = trainer.fwd(x, y, cu_seqlens=rt.to_device(cu))
         loss.backward()
     for opt in trainer.optimizers:
         opt.zero_grad(set_to_none=True)

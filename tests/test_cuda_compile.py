@@ -266,10 +266,10 @@ def test_varlen_fa3_branch_compiles_without_breaks(graphs, monkeypatch):
     torch.manual_seed(0)
     model = tg.GPT(h).eval()
     x, y, cu = PackedLoader(h).next_batch(4)
-    want = model(x, y, cu)
+    want = model(x, y, cu_seqlens=cu)
     monkeypatch.setattr(tg, "FLASH_ATTN_VARLEN_FUNC", standin)
     with torch.no_grad():
-        got = torch.compile(model, dynamic=False, fullgraph=True)(x, y, cu)
+        got = torch.compile(model, dynamic=False, fullgraph=True)(x, y, cu_seqlens=cu)
     assert graph_breaks() == {} and len(graphs) == 1
     assert calls and set(calls) == {((128, 4, 16), (64,), 32, True)}  # traced once per layer
     assert torch.allclose(got, want, atol=1e-6)

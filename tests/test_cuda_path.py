@@ -209,12 +209,12 @@ def cuda_dtype_run(request):
                 for looping in (False, True):
                     model.looping_active = looping
                     model.train()
-                    loss = model(*batch)
+                    loss = model(*batch[:2], cu_seqlens=batch[2] if h.varlen else None)
                     loss.backward()
                     losses.append(loss.dtype)
                     model.eval()
                     with torch.no_grad():
-                        nlls.append(model(*batch, reduction="none").dtype)
+                        nlls.append(model(*batch[:2], reduction="none", cu_seqlens=batch[2] if h.varlen else None).dtype)
         finally:
             tg.FLASH_ATTN_FUNC, tg.FLASH_ATTN_VARLEN_FUNC = old
         results[attention] = dict(model=model, fa3=fa3, outputs=outputs, losses=losses, nlls=nlls,

@@ -166,7 +166,7 @@ def test_model_on_a_packed_row_is_each_segment_alone(looping):
         alone = torch.cat([model.forward_logits(ids[:, a:b]) for a, b in zip(bounds, bounds[1:])], dim=1)
         whole_row = model.forward_logits(ids)
         targets = torch.roll(ids, -1, 1)
-        loss = model(ids, targets, cu)
+        loss = model(ids, targets, cu_seqlens=cu)
         per_token = torch.cat([model(ids[:, a:b], targets[:, a:b], reduction="none") for a, b in zip(bounds, bounds[1:])], 1)
     torch.testing.assert_close(packed, alone, atol=2e-4, rtol=1e-4)
     assert not torch.allclose(whole_row[:, 10:], alone[:, 10:], atol=1e-2)  # attention across documents differs

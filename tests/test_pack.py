@@ -519,12 +519,13 @@ def test_default_pack_leaves_out_every_off_switch(default_pack):
     source = pack.unpack(default_pack.read_bytes()).decode()
     for leak in ("triton", "tl.", "load_kernels", "softcap_ce", "lqer_factors", "lqer_dequantize", "family_codecs",
                  "compress_by_family", "decompress_by_family", "8.156554524902461", "load_init_state",
-                 "TRITON_INTERPRET", "lzma.", "import lzma"):
+                 "TRITON_INTERPRET", "lzma.", "import lzma", "varlen_attention", "packed_cu_seqlens",
+                 "DocumentPackedLoader", "searchsorted", "flash_attn_varlen_func", "concurrent"):
         assert leak not in source, leak
     preset, pins = pack.packed_for(source.encode())
     assert preset == pack.RECORD_DEFAULTS
     assert pins == {"init_state": "", "gptq_hessian_all_ranks": False, "fused_ce": False, "fused_mlp": False,
-                    "bigram_train_embed": False, "smear_mask_bos": False, "attn_clip_sigmas": None,
+                    "bigram_train_embed": False, "smear_mask_bos": False, "varlen": False, "attn_clip_sigmas": None,
                     "mlp_clip_sigmas": None, "lqer_top_k": 0, "muon_ns_coeffs": "record", "compressor": "brotli"}
     assert len(default_pack.read_bytes()) < 18_097  # the record's own packed file
 
