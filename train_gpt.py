@@ -912,8 +912,6 @@ def tensor_role(name: str) -> tuple[str, str, str] | None:
     return next((role for suffix, role in TENSOR_ROLES.items() if name.endswith(suffix)), None)
 FLASH_ATTN_FUNC = None  # set by enable_flash_attention() on CUDA when flash_attn_interface imports
 FLASH_ATTN_VARLEN_FUNC = None  # set by enable_flash_attention_varlen() likewise, with VARLEN=1
-# Above this many entries (a 32k-token row) the SDPA mask of varlen_attention is refused on CUDA.
-VARLEN_MASK_LIMIT = 1 << 30
 
 
 def enable_flash_attention() -> None:
@@ -923,20 +921,11 @@ def enable_flash_attention() -> None:
         FLASH_ATTN_FUNC = flash_attn_func
 
 
-def enable_flash_attention_varlen(h: Hyperparameters, rt: Runtime) -> None:
-    """VARLEN=1 on CUDA: FA3's varlen kernel when it imports. Without it the SDPA path's mask holds
-    T x T booleans for a micro-batch row of T tokens, (98,304)^2 = 9.7e9 at the record's: refused
-    beyond VARLEN_MASK_LIMIT."""
+def enable_flash_attention_varlen() -> None:
     global FLASH_ATTN_VARLEN_FUNC
-    if not rt.is_cuda:
-        return
     with contextlib.suppress(ImportError):
         from flash_attn_interface import flash_attn_varlen_func
         FLASH_ATTN_VARLEN_FUNC = flash_attn_varlen_func
-    T = rt.micro_batch_seqs * h.train_seq_len
-    if FLASH_ATTN_VARLEN_FUNC is None and T * T > VARLEN_MASK_LIMIT:
-        raise RuntimeError(f"VARLEN=1 on CUDA needs FlashAttention-3 (flash_attn_interface.flash_attn_varlen_func) for "
-                           f"rows of {T} tokens: without it attention builds a {T} x {T} mask")
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -981,18 +970,37 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     """Causal attention within each segment of one packed row: q (1,T,H,D), k/v (1,T,Hkv,D) ->
     (1,T,H,D); cu_seqlens int32 as packed_cu_seqlens makes them, no segment longer than max_seqlen.
     On CUDA FA3's varlen kernel on the flattened row (GQA inside, as flash_attn_func); elsewhere SDPA
-    with a block-diagonal causal mask, the same function (tests/test_frontier_varlen.py). Every
-    position sees itself, so no softmax row is empty: the padding entries of cu_seqlens make no NaN."""
+    with a block-diagonal causal mask, the same function (tests/test_frontier_varlen.py): banded to
+    2 x max_seqlen keys per query when max_seqlen divides T (a training row always), so its memory
+    grows as T, not T^2. Every position sees itself, so no softmax row is empty: the padding
+    entries of cu_seqlens make no NaN."""
     if FLASH_ATTN_VARLEN_FUNC is not None:  # set on CUDA only, when flash_attn_interface imports
         out = FLASH_ATTN_VARLEN_FUNC(q[0], k[0], v[0], cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                                      max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True)
         return (out[0] if isinstance(out, tuple) else out)[None]
-    pos = torch.arange(q.size(1), device=q.device, dtype=cu_seqlens.dtype)
+    T, L = q.size(1), max_seqlen
+    pos = torch.arange(T, device=q.device, dtype=cu_seqlens.dtype)
     segment = torch.searchsorted(cu_seqlens, pos, right=True)  # padding entries (= T) exceed every position
-    mask = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       enable_gqa=True)
-    return y.transpose(1, 2)
+    if T % L:  # the whole row's T x T mask
+        mask = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           enable_gqa=True)
+        return y.transpose(1, 2)
+    # No segment is longer than L, so the queries of each block of L positions see keys in that
+    # block and the one before it only: n blocks of L x 2L scores instead of T x T.
+    n = T // L
+
+    def with_previous(t: Tensor, fill) -> Tensor:  # (T, ...) -> (n, 2L, ...); before the first block: fill
+        t = torch.cat((torch.full_like(t[:L], fill), t))
+        return torch.cat((t[:-L].view(n, L, *t.shape[1:]), t[L:].view(n, L, *t.shape[1:])), dim=1)
+
+    seg_q, seg_k = segment.view(n, L), with_previous(segment, -1)
+    pos_q, pos_k = pos.view(n, L), with_previous(pos, -1)
+    mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (pos_q[:, :, None] >= pos_k[:, None, :])  # (n, L, 2L)
+    y = F.scaled_dot_product_attention(q[0].view(n, L, *q.shape[2:]).transpose(1, 2),
+                                       with_previous(k[0], 0).transpose(1, 2), with_previous(v[0], 0).transpose(1, 2),
+                                       attn_mask=mask[:, None], enable_gqa=True)  # (n, H, L, D)
+    return y.transpose(1, 2).reshape(q.shape)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -2441,8 +2449,8 @@ def main() -> int:
     log = Logger(f"logs/{h.run_id}.txt" if rt.is_main else None)
     if rt.is_cuda:
         enable_flash_attention()
-    if h.varlen:
-        enable_flash_attention_varlen(h, rt)
+        if h.varlen:
+            enable_flash_attention_varlen()
     code = Path(__file__).read_bytes()  # the file that is running: the packed one when packed
     log_header(h, rt, log, code)
     torch.manual_seed(h.seed)

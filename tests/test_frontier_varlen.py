@@ -15,7 +15,6 @@ cu_seqlens and document-isolated attention, against references written here from
 from __future__ import annotations
 
 import math
-import types
 from pathlib import Path
 
 import numpy as np
@@ -89,16 +88,17 @@ def test_cu_seqlens_mark_documents_and_splits(doc_starts, total, split):
 # -----------------------------------------------------------------------------
 
 
-def test_varlen_attention_is_each_segment_alone():
+@pytest.mark.parametrize("T", [45, 48])  # the whole row's mask; blocks of 8 and the one before (8 divides T)
+def test_varlen_attention_is_each_segment_alone(T):
     """Documents split at TRAIN_SEQ_LEN (8 here), GQA, padding entries: the SDPA mask path equals a
     softmax loop over each segment; no NaN, finite gradients; changing one document's queries,
     keys and values changes no other document's output."""
     g = torch.Generator().manual_seed(0)
-    T, H, Hkv, D, split = 45, 4, 2, 16, 8
+    H, Hkv, D, split = 4, 2, 16, 8
     q, k, v = (torch.randn(1, T, n, D, generator=g) for n in (H, Hkv, Hkv))
     cu = tg.packed_cu_seqlens([6, 9, 30], T, split)
     bounds = cu.tolist()
-    assert bounds[:9] == [0, 6, 9, 17, 25, 30, 38, 45, 45] and len(bounds) == 64
+    assert bounds[:7] == [0, 6, 9, 17, 25, 30, 38] and bounds == ref_cu_seqlens([6, 9, 30], T, split)
     q.requires_grad_(True)
     y = tg.varlen_attention(q, k, v, cu, split)
     assert y.shape == (1, T, H, D) and not y.isnan().any()
@@ -113,15 +113,15 @@ def test_varlen_attention_is_each_segment_alone():
     assert not torch.equal(y2[:, 9:30], y[:, 9:30].detach())
 
 
-@pytest.mark.parametrize("returns_tuple", [True, False])
-def test_sdpa_mask_path_equals_the_fa3_contract(monkeypatch, returns_tuple):
+@pytest.mark.parametrize("T,returns_tuple", [(70, True), (64, False)])
+def test_sdpa_mask_path_equals_the_fa3_contract(monkeypatch, T, returns_tuple):
     """The CPU path (SDPA, block-diagonal causal mask) and the CUDA path (FA3's flash_attn_varlen_func,
     here its contract's stand-in, which runs each segment alone) agree on bf16 inputs of the record's
     head dimension; FA3 gets the flattened row, the padded int32 cu_seqlens and TRAIN_SEQ_LEN."""
     h = tiny_hparams(model_dim=4 * HEAD_DIM, num_heads=4, num_kv_heads=2, rope_dims=16)
     fa3 = FA3StandIn(h)
     g = torch.Generator().manual_seed(1)
-    T, split = 70, 32
+    split = 32
     q, k, v = (torch.randn(1, T, n, HEAD_DIM, generator=g).bfloat16() for n in (4, 2, 2))
     cu = tg.packed_cu_seqlens([0, 11, 12], T, split)
     sdpa = tg.varlen_attention(q, k, v, cu, split)
@@ -145,9 +145,9 @@ def randomize_(model, seed):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-@pytest.mark.parametrize("looping", [False, True])
-def test_model_on_a_packed_row_is_each_segment_alone(looping):
-    """The whole model (XSA, output gate, looped layers) on a packed row of 56 tokens with
+@pytest.mark.parametrize("looping,lengths", [(False, [10, 37, 9]), (True, [10, 37, 9]), (True, [10, 37, 16, 1])])
+def test_model_on_a_packed_row_is_each_segment_alone(looping, lengths):
+    """The whole model (XSA, output gate, looped layers) on a packed row of 56 (or 64) tokens with
     TRAIN_SEQ_LEN=16 gives, at every position, the logits of its segment run alone: documents apart,
     the long one split every 16, rotary positions offsets in the row (relative phases unchanged, the
     base not stretched although the row is longer than TRAIN_SEQ_LEN). BigramHash and SmearGate are
@@ -157,10 +157,10 @@ def test_model_on_a_packed_row_is_each_segment_alone(looping):
     model = tg.GPT(h).eval()
     randomize_(model, 3)
     model.looping_active = looping
-    ids, starts = packed_documents([10, 37, 9], h.vocab_size, 4)
+    ids, starts = packed_documents(lengths, h.vocab_size, 4)
     cu = tg.packed_cu_seqlens(starts, ids.size(1), h.train_seq_len)
     bounds = sorted(set(cu.tolist()))
-    assert bounds == [0, 10, 26, 42, 47, 56]
+    assert bounds == ([0, 10, 26, 42, 47, 56] if len(lengths) == 3 else [0, 10, 26, 42, 47, 63, 64])
     with torch.no_grad():
         packed = model.forward_logits(ids, cu_seqlens=cu)
         alone = torch.cat([model.forward_logits(ids[:, a:b]) for a, b in zip(bounds, bounds[1:])], dim=1)
@@ -301,21 +301,25 @@ def test_settings_that_do_not_divide_are_refused_with_varlen():
                    environ={})
 
 
-def test_cuda_without_fa3_refuses_rows_too_large_for_a_mask(monkeypatch):
-    """On CUDA without flash_attn_interface the SDPA path would build a T x T mask: refused for the
-    record's rows of 98,304 tokens, allowed for small ones."""
-    try:
-        import flash_attn_interface  # noqa: F401
-        pytest.skip("flash_attn_interface imports here")
-    except ImportError:
-        pass
-    monkeypatch.setattr(tg, "FLASH_ATTN_VARLEN_FUNC", None)
-    h = tiny_hparams(varlen=True)
-    with pytest.raises(RuntimeError, match="VARLEN=1 on CUDA needs FlashAttention-3 .* rows of 98304 tokens"):
-        tg.enable_flash_attention_varlen(h, types.SimpleNamespace(is_cuda=True, micro_batch_seqs=48))
-    tg.enable_flash_attention_varlen(h, types.SimpleNamespace(is_cuda=True, micro_batch_seqs=4))
-    tg.enable_flash_attention_varlen(h, types.SimpleNamespace(is_cuda=False, micro_batch_seqs=48))
-    assert tg.FLASH_ATTN_VARLEN_FUNC is None
+def test_banded_mask_grows_linearly_with_the_row():
+    """Where TRAIN_SEQ_LEN divides the row (every training row), the SDPA path scores each block of
+    TRAIN_SEQ_LEN queries against that block and the one before: at the record's 98,304-token rows
+    2 x 98,304 x 2,048 mask entries (0.4 GB of booleans) rather than 98,304^2 (9.7 GB), so CUDA
+    without FA3 can train too. Seen here as the mask SDPA is given."""
+    shapes = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        shapes.append(tuple(attn_mask.shape))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    q = torch.randn(1, 96, 2, 8)
+    cu = tg.packed_cu_seqlens([0, 50], 96, 16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg.F, "scaled_dot_product_attention", spy)
+        tg.varlen_attention(q, q, q, cu, 16)
+        tg.varlen_attention(q[:, :90], q[:, :90], q[:, :90], tg.packed_cu_seqlens([0, 50], 90, 16), 16)
+    assert shapes == [(6, 1, 16, 32), (90, 90)]
 
 
 # -----------------------------------------------------------------------------
