@@ -12,7 +12,9 @@ training micro-batch's shape; each other shape is a graph of its own. In the 8-G
 not: 16 sequences of 2048 per chunk over 8 ranks are 2 x 2048 per rank against 48 x 2048 in
 training, so a whole run compiles FIVE graphs. (On CUDA both batches arrive as contiguous copies,
 so only the shape differs; on CPU both are views with a row stride of L + 1.) Every count must stay
-within Dynamo's recompile limit.
+within Dynamo's recompile limit. VARLEN=1 makes training one graph per padded cu_seqlens length
+and looping mode instead (the record's rows: 64 to 256 entries, 8 graphs, compiled in warm-up),
+and the Runtime raises the limit to 64.
 """
 
 from __future__ import annotations

@@ -301,11 +301,11 @@ def test_settings_that_do_not_divide_are_refused_with_varlen():
                    environ={})
 
 
-def test_banded_mask_grows_linearly_with_the_row():
+def test_banded_mask_grows_linearly_with_the_row(monkeypatch):
     """Where TRAIN_SEQ_LEN divides the row (every training row), the SDPA path scores each block of
     TRAIN_SEQ_LEN queries against that block and the one before: at the record's 98,304-token rows
-    2 x 98,304 x 2,048 mask entries (0.4 GB of booleans) rather than 98,304^2 (9.7 GB), so CUDA
-    without FA3 can train too. Seen here as the mask SDPA is given."""
+    2 x 98,304 x 2,048 mask entries (0.4 GB of booleans) rather than 98,304^2 (9.7 GB). Seen here as
+    the mask SDPA is given; other rows get the whole row's mask."""
     shapes = []
     real = F.scaled_dot_product_attention
 
@@ -315,10 +315,9 @@ def test_banded_mask_grows_linearly_with_the_row():
 
     q = torch.randn(1, 96, 2, 8)
     cu = tg.packed_cu_seqlens([0, 50], 96, 16)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tg.F, "scaled_dot_product_attention", spy)
-        tg.varlen_attention(q, q, q, cu, 16)
-        tg.varlen_attention(q[:, :90], q[:, :90], q[:, :90], tg.packed_cu_seqlens([0, 50], 90, 16), 16)
+    monkeypatch.setattr(tg.F, "scaled_dot_product_attention", spy)
+    tg.varlen_attention(q, q, q, cu, 16)
+    tg.varlen_attention(q[:, :90], q[:, :90], q[:, :90], tg.packed_cu_seqlens([0, 50], 90, 16), 16)
     assert shapes == [(6, 1, 16, 32), (90, 90)]
 
 
