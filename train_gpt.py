@@ -11,6 +11,7 @@ CPU tiny run:         see README.md. Every setting is an environment variable of
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -117,6 +118,7 @@ class Hyperparameters:
     iterations: int = 20000  # training steps, unless the wall clock stops it first
     train_batch_tokens: int = 786432  # tokens per optimizer step, over all ranks
     train_seq_len: int = 2048  # training sequence length
+    varlen: bool = switch(False)  # 1: one document-packed training stream, attention within documents (DATA, MODEL)
     grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE, as the record
     warmup_steps: int = 20  # compile-and-warm steps, then weights and optimizers are restored
     warmdown_frac: float = 0.72  # final fraction of training over which the learning rate decays
@@ -323,6 +325,9 @@ def _parse_env(name: str, typ: type, raw: str):
 # -----------------------------------------------------------------------------
 
 
+VARLEN_RECOMPILE_LIMIT = 64  # Dynamo's graphs per model with VARLEN=1, compiled (Runtime)
+
+
 class Runtime:
     """Where this process runs: device, rank and the process layout torchrun gave it (RANK,
     WORLD_SIZE, LOCAL_RANK are not settings), and the micro-batch split that layout implies."""
@@ -349,6 +354,10 @@ class Runtime:
             # As the record: without this, Dynamo's DDPOptimizer cuts each training graph at DDP's
             # bucket boundaries (other fusions and recomputation, several compiles per mode).
             torch._dynamo.config.optimize_ddp = False
+            if h.varlen:
+                # Each padded cu_seqlens length is a training graph per looping mode: more than
+                # Dynamo's default of 8 per model, past which fullgraph=True stops the run.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VARLEN_RECOMPILE_LIMIT)
         check_kernel_device(h, self.is_cuda)
         if self.is_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -532,10 +541,16 @@ def load_tokenizer(h: Hyperparameters):
 #   rank owns every world_size-th shard and an RNG seeded with its rank (not SEED), so every
 #   seed sees the same data and a run is step-comparable with the record's. CaseOps data has,
 #   beside each val shard, a byte sidecar in the same format holding a uint16 byte count per token.
+#   VARLEN=1 trains instead on the stream in order, documents packed end to end, each rank taking
+#   its slice of every micro-step, with cu_seqlens marking where the documents start.
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
 SHARD_VOCAB_LIMIT = 1 << 16  # ids are uint16, so VOCAB_SIZE may be at most 65,536
+BOS_ID = 1  # every document starts with it (SPEC §1)
+# cu_seqlens are padded to a multiple of this many entries: shapes are static when compiled, so
+# each distinct length is a graph of its own, and padding keeps them few.
+VARLEN_CU_BUCKET = 64
 
 
 def read_shard(path: str) -> np.ndarray:
@@ -669,6 +684,65 @@ class ShuffledSequenceLoader:
             batch[r] = self.tokens[si][start: start + L + 1]
         t = torch.from_numpy(batch)
         return t[:, :-1], t[:, 1:]
+
+
+def packed_cu_seqlens(doc_starts, total: int, split: int) -> Tensor:
+    """int32 cu_seqlens of a packed row of `total` tokens whose documents start at `doc_starts`
+    (sorted offsets in [0, total)): a segment starts at 0, at each document start and every `split`
+    tokens into a document; then `total`, repeated to a multiple of VARLEN_CU_BUCKET entries. A
+    repeated `total` is an empty segment: nothing attends to it or from it."""
+    bounds = [0, *(int(s) for s in doc_starts if s > 0), total]
+    cu = [p for a, b in zip(bounds, bounds[1:]) for p in range(a, b, split)] + [total]
+    return torch.tensor(cu + [total] * (-len(cu) % VARLEN_CU_BUCKET), dtype=torch.int32)
+
+
+class DocumentPackedLoader:
+    """VARLEN=1: the training stream read in order, never shuffled. Every rank reads every shard,
+    in sorted order and then round again, each from its first BOS. A micro-step takes WORLD_SIZE
+    consecutive spans of rows x TRAIN_SEQ_LEN + 1 tokens at the cursor, rank r the r-th: its inputs
+    are the span's first rows x TRAIN_SEQ_LEN tokens and its targets the last as many (the span's
+    last token is a target only). Where fewer tokens than a micro-step are left, the shard's tail is
+    skipped. Attention segments: the documents starting in the inputs, split every TRAIN_SEQ_LEN
+    tokens (packed_cu_seqlens). Shards are opened (ids checked, BOS found) one ahead, in a thread."""
+
+    def __init__(self, pattern: str, seq_len: int, rank: int, world_size: int, vocab_size: int | None = None):
+        self.files, self.seq_len, self.rank, self.world_size = shard_files(pattern), seq_len, rank, world_size
+        self.vocab_size, self.shard = vocab_size, 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self._use(self._open(0))  # a first shard without a document stops here
+
+    def _open(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        path = self.files[i]
+        tokens = read_shard(path)
+        if self.vocab_size is not None:
+            check_token_ids(tokens, path, self.vocab_size)
+        bos = np.flatnonzero(tokens == BOS_ID)
+        if not bos.size:
+            raise ValueError(f"VARLEN=1: training shard {path} holds no BOS (id {BOS_ID}), so no document starts in it")
+        return tokens, bos
+
+    def _use(self, opened: tuple[np.ndarray, np.ndarray]) -> None:
+        self.tokens, self.bos = opened
+        self.cursor = int(self.bos[0])
+        self.next_shard = self.pool.submit(self._open, (self.shard + 1) % len(self.files))
+
+    def next_batch(self, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """x and y of shape (1, rows x TRAIN_SEQ_LEN), this rank's cu_seqlens."""
+        n = rows * self.seq_len
+        span, skipped = n + 1, 0
+        while self.cursor + self.world_size * span > len(self.tokens):
+            if skipped == len(self.files):
+                raise ValueError(
+                    f"VARLEN=1: a micro-step takes WORLD_SIZE={self.world_size} x {span} tokens, but no shard of "
+                    f"{len(self.files)} holds that many after its first BOS (the largest has "
+                    f"{max(len(read_shard(f)) for f in self.files)} in all): lower TRAIN_BATCH_TOKENS or write larger shards")
+            self.shard, skipped = (self.shard + 1) % len(self.files), skipped + 1
+            self._use(self.next_shard.result())
+        start = self.cursor + self.rank * span
+        self.cursor += self.world_size * span
+        lo, hi = np.searchsorted(self.bos, [start, start + n])
+        row = torch.from_numpy(self.tokens[start: start + span].astype(np.int64))
+        return row[None, :-1], row[None, 1:], packed_cu_seqlens(self.bos[lo:hi] - start, n, self.seq_len)
 
 
 # -----------------------------------------------------------------------------
@@ -915,6 +989,7 @@ def tensor_role(name: str) -> tuple[str, str, str] | None:
     """(optimizer group, quantization category, blob family) of a state-dict name; None if unknown."""
     return next((role for suffix, role in TENSOR_ROLES.items() if name.endswith(suffix)), None)
 FLASH_ATTN_FUNC = None  # set by enable_flash_attention() on CUDA when flash_attn_interface imports
+FLASH_ATTN_VARLEN_FUNC = None  # set by enable_flash_attention_varlen() likewise, with VARLEN=1
 
 
 def enable_flash_attention() -> None:
@@ -922,6 +997,13 @@ def enable_flash_attention() -> None:
     with contextlib.suppress(ImportError):
         from flash_attn_interface import flash_attn_func
         FLASH_ATTN_FUNC = flash_attn_func
+
+
+def enable_flash_attention_varlen() -> None:
+    global FLASH_ATTN_VARLEN_FUNC
+    with contextlib.suppress(ImportError):
+        from flash_attn_interface import flash_attn_varlen_func
+        FLASH_ATTN_VARLEN_FUNC = flash_attn_varlen_func
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -962,6 +1044,43 @@ def apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos, rest), dim=-1)
 
 
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    """Causal attention within each segment of one packed row: q (1,T,H,D), k/v (1,T,Hkv,D) ->
+    (1,T,H,D); cu_seqlens int32 as packed_cu_seqlens makes them, no segment longer than max_seqlen.
+    On CUDA FA3's varlen kernel on the flattened row (GQA inside, as flash_attn_func); elsewhere SDPA
+    with a block-diagonal causal mask, the same function (tests/test_frontier_varlen.py): banded to
+    2 x max_seqlen keys per query when max_seqlen divides T (a training row always), so its memory
+    grows as T, not T^2. Every position sees itself, so no softmax row is empty: the padding
+    entries of cu_seqlens make no NaN."""
+    if FLASH_ATTN_VARLEN_FUNC is not None:  # set on CUDA only, when flash_attn_interface imports
+        out = FLASH_ATTN_VARLEN_FUNC(q[0], k[0], v[0], cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                     max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True)
+        return (out[0] if isinstance(out, tuple) else out)[None]
+    T, L = q.size(1), max_seqlen
+    pos = torch.arange(T, device=q.device, dtype=cu_seqlens.dtype)
+    segment = torch.searchsorted(cu_seqlens, pos, right=True)  # padding entries (= T) exceed every position
+    if T % L:  # the whole row's T x T mask
+        mask = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           enable_gqa=True)
+        return y.transpose(1, 2)
+    # No segment is longer than L, so the queries of each block of L positions see keys in that
+    # block and the one before it only: n blocks of L x 2L scores instead of T x T.
+    n = T // L
+
+    def with_previous(t: Tensor, fill) -> Tensor:  # (T, ...) -> (n, 2L, ...); before the first block: fill
+        t = torch.cat((torch.full_like(t[:L], fill), t))
+        return torch.cat((t[:-L].view(n, L, *t.shape[1:]), t[L:].view(n, L, *t.shape[1:])), dim=1)
+
+    seg_q, seg_k = segment.view(n, L), with_previous(segment, -1)
+    pos_q, pos_k = pos.view(n, L), with_previous(pos, -1)
+    mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (pos_q[:, :, None] >= pos_k[:, None, :])  # (n, L, 2L)
+    y = F.scaled_dot_product_attention(q[0].view(n, L, *q.shape[2:]).transpose(1, 2),
+                                       with_previous(k[0], 0).transpose(1, 2), with_previous(v[0], 0).transpose(1, 2),
+                                       attn_mask=mask[:, None], enable_gqa=True)  # (n, H, L, D)
+    return y.transpose(1, 2).reshape(q.shape)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); query head h reads KV head h // (H/Hkv)."""
     if FLASH_ATTN_FUNC is not None:  # set on CUDA only, when flash_attn_interface imports
@@ -977,6 +1096,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
         self.use_xsa = use_xsa
+        # VARLEN: the packed loader splits documents every TRAIN_SEQ_LEN tokens, so no segment is
+        # longer (FA3 sizes its work by it); 0: attention over the whole row.
+        self.max_seqlen = h.train_seq_len if h.varlen else 0
         kv_dim = h.num_kv_heads * h.head_dim
         self.c_q = CastedLinear(h.model_dim, h.model_dim)
         self.c_k = CastedLinear(h.model_dim, kv_dim)
@@ -990,7 +1112,7 @@ class CausalSelfAttention(nn.Module):
         if self.sparse_scale:  # zero-init: every head starts at half its output
             self.sparse_gate = CastedLinear(h.gate_width, h.num_heads, zero_init=True)
 
-    def forward(self, a: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, a: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         B, T, _ = a.shape
         q = self.c_q(a).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(a).view(B, T, self.num_kv_heads, self.head_dim)
@@ -998,7 +1120,10 @@ class CausalSelfAttention(nn.Module):
         q = apply_partial_rotary(rms_norm(q), cos, sin)
         k = apply_partial_rotary(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)  # (B, T, H, D)
+        if self.max_seqlen and cu_seqlens is not None:
+            y = varlen_attention(q, k, v, cu_seqlens, self.max_seqlen)  # (1, T, H, D), documents apart
+        else:
+            y = causal_attention(q, k, v)  # (B, T, H, D)
         if self.use_xsa:
             # Remove what the head merely copies from its own value vector, so attention
             # spends capacity on information from other positions.
@@ -1040,11 +1165,11 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
         self.parallel = layer >= h.parallel_residual_start
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
         a = rms_norm(x_in) * self.norm_scale
-        attn_out = self.attn_scale.to(x.dtype) * self.attn(a, cos, sin)
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(a, cos, sin, cu_seqlens)
         if self.parallel:
             return x_in + attn_out + self.mlp_scale.to(x.dtype) * self.mlp(a)
         h = x_in + attn_out
@@ -1058,11 +1183,12 @@ class LaneBlock(Block):
     this block's row of GPT.lane_mix: the residual is each lane itself, not the mix.
     PARALLEL_RESIDUAL_START's one-lane form does not apply to it."""
 
-    def forward(self, lanes: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane_mix: Tensor) -> Tensor:
+    def forward(self, lanes: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane_mix: Tensor,
+                cu_seqlens: Tensor | None = None) -> Tensor:
         dtype = lanes.dtype
         mix = self.resid_mix.to(dtype)
         a = rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.norm_scale
-        attn_out = self.attn_scale.to(dtype) * self.attn(a, cos, sin)
+        attn_out = self.attn_scale.to(dtype) * self.attn(a, cos, sin, cu_seqlens)
         mlp_out = self.mlp_scale.to(dtype) * self.mlp(rms_norm(lanes[1]) * self.norm_scale)
         m = lane_mix.to(dtype)[..., None, None, None]  # (3, 2, 1, 1, 1): broadcast over (B, T, D)
         return m[0] * lanes + m[1] * attn_out + m[2] * mlp_out
@@ -1153,8 +1279,9 @@ class GPT(nn.Module):
             elif min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight)
 
-    def forward_hidden(self, ids: Tensor) -> Tensor:
-        """Final-norm hidden states (B, T, model_dim): the input of the tied head."""
+    def forward_hidden(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states (B, T, model_dim): the input of the tied head. With cu_seqlens
+        (VARLEN=1) ids is one packed row whose documents attend only within themselves."""
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids).to(x.dtype)
@@ -1173,15 +1300,18 @@ class GPT(nn.Module):
             x = rms_norm(x)
         x0 = x
         T = ids.size(1)
-        cos, sin = rotary_cos_sin(T, self.h.rope_dims, self.h.rope_base, self.h.train_seq_len, x.device, x.dtype,
-                                  self.rope_bf16_inv_freq)
+        # A packed row's positions are offsets in the row (relative phases within a document are
+        # as if it stood alone) and never stretch the base: no segment exceeds TRAIN_SEQ_LEN.
+        cos, sin = rotary_cos_sin(T, self.h.rope_dims, self.h.rope_base,
+                                  T if self.h.varlen and cu_seqlens is not None else self.h.train_seq_len,
+                                  x.device, x.dtype, self.rope_bf16_inv_freq)
         if self.looping_active:
             encoder, decoder = self.encoder_indices, self.decoder_indices
         else:
             encoder, decoder = self.plain_encoder_indices, self.plain_decoder_indices
         skips = []
         for i in encoder:
-            x = self.blocks[i](x, x0, cos, sin)
+            x = self.blocks[i](x, x0, cos, sin, cu_seqlens)
             skips.append(x)
         lane1 = None  # the two-lane decoder's second lane once it has started; x is lane 0
         for j, i in enumerate(decoder):
@@ -1191,9 +1321,9 @@ class GPT(nn.Module):
                 k = self.skip_weights[j].to(x.dtype) * skips.pop()
                 x = torch.lerp(k, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
             if self.lanes and lane1 is not None:
-                x, lane1 = self.blocks[i](torch.stack((x, lane1)), x0, cos, sin, self.lane_mix[i]).unbind(0)
+                x, lane1 = self.blocks[i](torch.stack((x, lane1)), x0, cos, sin, self.lane_mix[i], cu_seqlens).unbind(0)
             else:
-                x = self.blocks[i](x, x0, cos, sin)
+                x = self.blocks[i](x, x0, cos, sin, cu_seqlens)
         if self.lanes and lane1 is not None:
             x = 0.5 * (x + lane1)  # the output is the lanes' mean
         return rms_norm(x)
@@ -1203,19 +1333,19 @@ class GPT(nn.Module):
         self.looping_active = self.h.num_loops > 0
         return self
 
-    def forward_logits(self, ids: Tensor, capped: bool = True) -> Tensor:
-        x = self.forward_hidden(ids)
+    def forward_logits(self, ids: Tensor, capped: bool = True, cu_seqlens: Tensor | None = None) -> Tensor:
+        x = self.forward_hidden(ids, cu_seqlens)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
         return self.softcap * torch.tanh(logits / self.softcap) if capped else logits
 
-    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None) -> Tensor:
         """Mean NLL in nats, or per-token NLL (fp32, shape of targets) with reduction='none'.
-        Training, evaluation and TTT all call this one function."""
+        Training, evaluation and TTT all call this one function (VARLEN=1 training with cu_seqlens)."""
         if self.h.fused_ce:  # soft-cap and CE in one kernel: no capped or fp32 logits are written
-            logits = self.forward_logits(ids, capped=False)
+            logits = self.forward_logits(ids, capped=False, cu_seqlens=cu_seqlens)
             losses = fused_softcap_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.softcap).view_as(targets)
         else:
-            logits = self.forward_logits(ids).float()
+            logits = self.forward_logits(ids, cu_seqlens=cu_seqlens).float()
             losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         return losses.mean() if reduction == "mean" else losses
 
@@ -1436,12 +1566,12 @@ class Trainer:
         h, rt = self.h, self.rt
         total = torch.zeros((), device=rt.device)
         for micro in range(rt.grad_accum_steps):
-            x, y = loader.next_batch(rt.micro_batch_seqs)
+            x, y, *cu_seqlens = loader.next_batch(rt.micro_batch_seqs)  # VARLEN=1: and cu_seqlens
             x, y = rt.to_device(x), rt.to_device(y)
             if rt.distributed and not h.grad_clip_per_rank:
                 self.fwd.require_backward_grad_sync = micro == rt.grad_accum_steps - 1
             with rt.autocast():
-                loss = self.fwd(x, y)
+                loss = self.fwd(x, y, cu_seqlens=rt.to_device(cu_seqlens[0])) if h.varlen else self.fwd(x, y)
             (loss / rt.grad_accum_steps).backward()
             total += loss.detach()
         warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
@@ -1492,11 +1622,33 @@ def warm_up(h: Hyperparameters, trainer: Trainer, loader: ShuffledSequenceLoader
     phases = [False, True] if h.num_loops > 0 else [False]
     for looping in phases:
         trainer.model.looping_active = looping
+        if h.varlen and trainer.rt.compile:
+            compile_varlen_lengths(h, trainer, loader)
         for s in range(h.warmup_steps):
             trainer.step(loader, s, 1.0)
     trainer.model.looping_active = False
     trainer.restore(snap)
     trainer.rt.synchronize()
+
+
+VARLEN_WARM_LENGTHS = 4  # cu_seqlens lengths compiled before the clock: 64, 128, 192, 256 entries
+
+
+def compile_varlen_lengths(h: Hyperparameters, trainer: Trainer, loader: DocumentPackedLoader) -> None:
+    """VARLEN=1, compiled: a cu_seqlens length first met in the timed run would compile a graph there.
+    Run forward and backward once at each of the first VARLEN_WARM_LENGTHS padded lengths (a row of
+    the record's 98,304 tokens holds ~100-200 segments), segments every TRAIN_SEQ_LEN tokens, then
+    drop the gradients; warm_up() restores the rest."""
+    rt = trainer.rt
+    x, y, _ = (rt.to_device(t) for t in loader.next_batch(rt.micro_batch_seqs))
+    fewest = packed_cu_seqlens([], x.size(1), h.train_seq_len)  # no row has fewer segments
+    for length in range(fewest.numel(), VARLEN_WARM_LENGTHS * VARLEN_CU_BUCKET + 1, VARLEN_CU_BUCKET):
+        cu = F.pad(fewest, (0, length - fewest.numel()), value=x.size(1))
+        with rt.autocast():
+            loss = trainer.fwd(x, y, cu_seqlens=rt.to_device(cu))
+        loss.backward()
+    for opt in trainer.optimizers:
+        opt.zero_grad(set_to_none=True)
 
 
 def calibration_reserve_seconds(h: Hyperparameters, rt: Runtime, model: GPT, log: Logger) -> float:
@@ -1522,10 +1674,14 @@ def calibration_reserve_seconds(h: Hyperparameters, rt: Runtime, model: GPT, log
 
 
 def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, log: Logger) -> Trainer:
-    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rt.rank, rt.world_size, h.vocab_size)
+    loader = (DocumentPackedLoader if h.varlen else ShuffledSequenceLoader)(
+        h.train_files, h.train_seq_len, rt.rank, rt.world_size, h.vocab_size)
     trainer = Trainer(h, rt, model)
     warm_up(h, trainer, loader)
-    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rt.rank, rt.world_size)
+    # Training starts the stream afresh: it draws the warm-up's batches again. The packed loader
+    # opens each shard only when the stream reaches it, so it checks the ids as it goes.
+    loader = (DocumentPackedLoader if h.varlen else ShuffledSequenceLoader)(
+        h.train_files, h.train_seq_len, rt.rank, rt.world_size, h.vocab_size if h.varlen else None)
     tokens_per_step = rt.micro_batch_seqs * h.train_seq_len * rt.grad_accum_steps * rt.world_size
     reserve_s, cap_ms = h.gptq_reserve_seconds, None
     if h.max_wallclock_seconds > 0:
@@ -2400,6 +2556,9 @@ def log_header(h: Hyperparameters, rt: Runtime, log: Logger, code: bytes) -> Non
         log(f"WARNING: {warning}")
     log(f"attention:{'flash_attn_3' if FLASH_ATTN_FUNC is not None else 'sdpa'} compile:{int(rt.compile)} "
         f"grad_accum_steps:{rt.grad_accum_steps} micro_batch_seqs:{rt.micro_batch_seqs}")
+    if h.varlen:
+        log(f"varlen_attention:{'flash_attn_3' if FLASH_ATTN_VARLEN_FUNC is not None else 'sdpa_mask'} "
+            f"tokens_per_row:{rt.micro_batch_seqs * h.train_seq_len} split:{h.train_seq_len}")
 
 
 def log_artifact_size(log: Logger, compressor: str, blob_bytes: int, code_bytes: int) -> int:
@@ -2448,6 +2607,8 @@ def main() -> int:
     log = Logger(f"logs/{h.run_id}.txt" if rt.is_main else None)
     if rt.is_cuda:
         enable_flash_attention()
+        if h.varlen:
+            enable_flash_attention_varlen()
     code = Path(__file__).read_bytes()  # the file that is running: the packed one when packed
     log_header(h, rt, log, code)
     torch.manual_seed(h.seed)

@@ -12,7 +12,9 @@ training micro-batch's shape; each other shape is a graph of its own. In the 8-G
 not: 16 sequences of 2048 per chunk over 8 ranks are 2 x 2048 per rank against 48 x 2048 in
 training, so a whole run compiles FIVE graphs. (On CUDA both batches arrive as contiguous copies,
 so only the shape differs; on CPU both are views with a row stride of L + 1.) Every count must stay
-within Dynamo's recompile limit.
+within Dynamo's recompile limit. VARLEN=1 makes training one graph per padded cu_seqlens length
+and looping mode instead (the record's rows: 64 to 256 entries, 8 graphs, compiled in warm-up),
+and the Runtime raises the limit to 64.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
 import train_gpt as tg
@@ -197,3 +200,88 @@ def test_gpu_check_records_a_crash_with_what_it_measured(graphs, tmp_path, monke
     text = (tmp_path / "crash.txt").read_text()
     assert "check CRASH: compiled evaluation (RuntimeError: CUDA out of memory (stand-in))" in text
     assert "Traceback" in text and text.splitlines()[-1].startswith("gpu_check:FAIL (")
+
+
+class PackedLoader:
+    """VARLEN=1 micro-batches of the tiny config (one row of 4 x 32 tokens): documents every 50
+    tokens (cu_seqlens of 64 entries) or every 2 (65 segments: 128 entries), in turn."""
+
+    def __init__(self, h):
+        self.g, self.h, self.calls = torch.Generator().manual_seed(0), h, 0
+
+    def next_batch(self, rows: int):
+        n = rows * self.h.train_seq_len
+        t = torch.randint(2, V, (1, n + 1), generator=self.g)
+        starts = range(0, n, 50 if self.calls % 2 == 0 else 2)
+        t[0, list(starts)] = tg.BOS_ID
+        self.calls += 1
+        return t[:, :-1], t[:, 1:], tg.packed_cu_seqlens(list(starts), n, self.h.train_seq_len)
+
+
+def test_varlen_compiles_a_graph_per_cu_seqlens_length_before_the_clock(graphs, monkeypatch):
+    """VARLEN=1: shapes are static (dynamic=False), so each padded cu_seqlens length is a graph of
+    its own per looping mode. warm_up() compiles the first VARLEN_WARM_LENGTHS lengths in both modes
+    (here 2: 64 and 128 entries, so 4 graphs), and no training step after it compiles again, at
+    either length. Evaluation (no cu_seqlens) adds its 2: 6 in all, within the limit the Runtime
+    raised, and no graph breaks. (The record's rows of 98,304 tokens: 4 lengths, 8 training graphs.)"""
+    monkeypatch.setattr(tg, "VARLEN_WARM_LENGTHS", 2)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        h = tg.Hyperparameters(**dict(TINY, warmup_steps=1), varlen=True)
+        rt = tg.Runtime(h, environ={})
+        assert torch._dynamo.config.recompile_limit == tg.VARLEN_RECOMPILE_LIMIT == 64
+        rt.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        model = tg.build_model(h, torch.device("cpu"), is_cuda=True)
+        trainer = tg.Trainer(h, rt, model)
+        loader = PackedLoader(h)
+        tg.warm_up(h, trainer, loader)
+        assert len(graphs) == 4, graphs  # (64, 128 entries) x (looping off, on)
+        for looping in (False, True):
+            model.looping_active = looping
+            for step in range(2):  # one micro-batch of each length
+                trainer.step(loader, step, 1.0)
+        assert len(graphs) == 4, graphs
+        luts = (torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+        tokens = torch.randint(4, V, (4 * h.eval_seq_len + 1,), generator=torch.Generator().manual_seed(1))
+        for looping in (False, True):
+            model.looping_active = looping
+            tg.evaluate_plain(h, rt, trainer.compiled, tokens, luts)
+        assert len(graphs) == 6, graphs
+        assert graph_breaks() == {}
+        assert len(graphs) <= torch._dynamo.config.recompile_limit
+
+
+def test_varlen_fa3_branch_compiles_without_breaks(graphs, monkeypatch):
+    """The FA3 branch of varlen_attention under fullgraph=True: FA3's varlen function is a torch
+    custom op there, stood in for by one with a shape-only fake (the stand-in of test_cuda_path is
+    plain Python, which Dynamo would trace into). It returns (out, lse), as some builds do."""
+    @torch.library.custom_op("test_varlen::fa3_varlen", mutates_args=())
+    def fa3_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                   max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bounds = cu.tolist()  # each segment alone (eager, inside the op)
+        y = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                                      enable_gqa=True).transpose(0, 1)
+                       for a, b in zip(bounds, bounds[1:]) if b > a])
+        return y, torch.zeros(q.size(1), q.size(0))
+
+    @fa3_varlen.register_fake
+    def _(q, k, v, cu, max_seqlen):
+        return torch.empty_like(q), q.new_empty(q.size(1), q.size(0), dtype=torch.float32)
+
+    calls = []
+
+    def standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+        calls.append((q.shape, cu_seqlens_q.shape, max_seqlen_q, causal))
+        return fa3_varlen(q, k, v, cu_seqlens_q, max_seqlen_q)
+
+    h = tg.Hyperparameters(**TINY, varlen=True)
+    torch.manual_seed(0)
+    model = tg.GPT(h).eval()
+    x, y, cu = PackedLoader(h).next_batch(4)
+    want = model(x, y, cu_seqlens=cu)
+    monkeypatch.setattr(tg, "FLASH_ATTN_VARLEN_FUNC", standin)
+    with torch.no_grad():
+        got = torch.compile(model, dynamic=False, fullgraph=True)(x, y, cu_seqlens=cu)
+    assert graph_breaks() == {} and len(graphs) == 1
+    assert calls and set(calls) == {((128, 4, 16), (64,), 32, True)}  # traced once per layer
+    assert torch.allclose(got, want, atol=1e-6)

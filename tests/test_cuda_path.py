@@ -59,7 +59,7 @@ class FA3StandIn:
     computes with SDPA and records the dtypes it was given."""
 
     def __init__(self, h):
-        self.h, self.dtypes = h, []
+        self.h, self.dtypes, self.varlen_calls = h, [], []
 
     def __call__(self, q, k, v, causal=False):
         h = self.h
@@ -77,6 +77,64 @@ class FA3StandIn:
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=True)
         return y.transpose(1, 2), None  # some FA3 builds return (out, softmax_lse)
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
+        """flash_attn_interface.flash_attn_varlen_func's contract (VARLEN=1): q (total, heads, 64),
+        k and v with NUM_KV_HEADS heads, one dtype, fp16 or bf16, contiguous last dim; cu_seqlens int32,
+        1-D, on q's device, from 0 up to total without decreasing, the same for q and k; max_seqlen an
+        int no segment exceeds. It computes each segment alone with SDPA and records the dtypes."""
+        h = self.h
+        if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)):
+            raise RuntimeError(f"FlashAttention only supports fp16 and bf16, one dtype for q/k/v: got {q.dtype}, {k.dtype}, {v.dtype}")
+        total = q.size(0)
+        for name, t, heads in (("q", q, h.num_heads), ("k", k, h.num_kv_heads), ("v", v, h.num_kv_heads)):
+            if t.shape != (total, heads, HEAD_DIM):
+                raise RuntimeError(f"{name} has shape {tuple(t.shape)}, expected {(total, heads, HEAD_DIM)}")
+            if t.stride(-1) != 1:
+                raise RuntimeError(f"{name} must have contiguous last dimension")
+        for cu in (cu_seqlens_q, cu_seqlens_k):
+            if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
+                raise RuntimeError(f"cu_seqlens must be int32, 1-D, on {q.device}: got {cu.dtype}, {cu.dim()}-D, {cu.device}")
+        if not torch.equal(cu_seqlens_q, cu_seqlens_k):
+            raise RuntimeError("the record attends each segment to itself: cu_seqlens_q == cu_seqlens_k")
+        bounds = cu_seqlens_q.tolist()
+        if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+            raise RuntimeError(f"cu_seqlens must rise from 0 to total={total} without decreasing: {bounds}")
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        if not (isinstance(max_seqlen_q, int) and max_seqlen_q == max_seqlen_k and longest <= max_seqlen_q):
+            raise RuntimeError(f"max_seqlen {max_seqlen_q!r}/{max_seqlen_k!r} must be an int >= the longest segment ({longest})")
+        if not causal:
+            raise RuntimeError("the record calls FA3 with causal=True")
+        self.varlen_calls.append((q.dtype, k.dtype, v.dtype, len(bounds)))
+        out = torch.cat([F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                                        is_causal=True, enable_gqa=True).transpose(0, 1)
+                         for a, b in zip(bounds, bounds[1:]) if b > a])
+        return out, None  # as flash_attn_func, some builds return (out, softmax_lse)
+
+
+def test_fa3_varlen_stand_in_refuses_what_fa3_refuses():
+    h = make_h()
+    fa3 = FA3StandIn(h)
+    T = 40
+    q = torch.randn(T, h.num_heads, h.head_dim, dtype=torch.bfloat16)
+    kv = torch.randn(T, h.num_kv_heads, h.head_dim, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 7, 20, 40, 40], dtype=torch.int32)
+    out, _ = fa3.varlen(q, kv, kv, cu, cu, 20, 20, causal=True)
+    assert out.shape == q.shape
+    for bad, match in (((q.float(), kv, kv, cu, cu, 20, 20), "one dtype"),
+                       ((q, q, q, cu, cu, 20, 20), "shape"),  # GQA not applied by the caller
+                       ((q[None], kv, kv, cu, cu, 20, 20), "shape"),  # the batch dimension not flattened
+                       ((q, kv, kv, cu.long(), cu.long(), 20, 20), "int32"),
+                       ((q, kv, kv, cu[None], cu[None], 20, 20), "1-D"),
+                       ((q, kv, kv, cu[:-2], cu[:-2], 20, 20), "total"),  # does not end at the last token
+                       ((q, kv, kv, cu.flip(0), cu.flip(0), 20, 20), "rise"),
+                       ((q, kv, kv, cu, cu.clone().fill_(40).index_fill_(0, torch.tensor([0]), 0), 20, 20), "cu_seqlens_q =="),
+                       ((q, kv, kv, cu, cu, 12, 12), "longest"),  # a segment of 13
+                       ((q, kv, kv, cu, cu, torch.tensor(20), 20), "int")):
+        with pytest.raises(RuntimeError, match=match):
+            fa3.varlen(*bad, causal=True)
+    with pytest.raises(RuntimeError, match="causal"):
+        fa3.varlen(q, kv, kv, cu, cu, 20, 20)
 
 
 def test_fa3_stand_in_refuses_what_fa3_refuses():
@@ -108,11 +166,20 @@ def test_fa3_stand_in_refuses_what_fa3_refuses():
 UNPROBED_OK = {"TensorBase.__getitem__", "Tensor.backward", "scaled_dot_product_attention"}
 
 
-KERNEL_SWITCHES = {"math": {}, "kernels": dict(fused_ce=True, fused_mlp=True),
-                   # the frontier model's and optimizer's switches (tests/test_frontier_model.py), lanes from block 3
+KERNEL_SWITCHES = {"math": {}, "kernels": dict(fused_ce=True, fused_mlp=True), "varlen": dict(varlen=True),
+                   # the frontier model's and optimizer's switches (tests/test_frontier_model.py), lanes from block 3,
+                   # on packed rows as the frontier preset trains
                    "frontier": dict(gate_attn_out=False, sparse_gate_scale=0.5, smear_pre_norm=True, smear_mask_bos=True,
                                     parallel_lanes_start=3, muon_ns_coeffs="polar", muon_bf16_momentum=True,
-                                    grad_clip_per_rank=True)}
+                                    grad_clip_per_rank=True, varlen=True)}
+
+
+def varlen_batch(h, g):
+    """A packed row of two micro-batch rows' tokens (VARLEN=1): documents start at 0, 5 and 23, the
+    last longer than TRAIN_SEQ_LEN (split), and cu_seqlens padded to 64 entries."""
+    n = 2 * h.train_seq_len
+    x, y = torch.randint(0, V, (1, n), generator=g), torch.randint(0, V, (1, n), generator=g)
+    return x, y, tg.packed_cu_seqlens([0, 5, 23], n, h.train_seq_len)
 
 
 @pytest.fixture(scope="module", params=sorted(KERNEL_SWITCHES))
@@ -120,7 +187,8 @@ def cuda_dtype_run(request):
     """Training micro-batch forward + backward and evaluation forward, looping off and on, of the
     model as built for CUDA, under emulated CUDA autocast; with the FA3 stand-in and with SDPA;
     with the record's math, with the Triton kernels (FUSED_CE, FUSED_MLP) switched on, and with
-    the frontier switches on (sparse gate, SmearGate before the norm, the two-lane decoder)."""
+    the frontier switches on (sparse gate, SmearGate before the norm, the two-lane decoder), and
+    with VARLEN=1 (a packed row and its cu_seqlens, through both FA3 functions' stand-ins)."""
     if request.param == "kernels":
         need_triton()
     results = {}
@@ -135,25 +203,28 @@ def cuda_dtype_run(request):
                 module.register_forward_hook(
                     lambda m, a, out, name=name: outputs.setdefault(name, set()).add(out.dtype))
         g = torch.Generator().manual_seed(1)
-        x, y = torch.randint(0, V, (2, h.train_seq_len), generator=g), torch.randint(0, V, (2, h.train_seq_len), generator=g)
+        if h.varlen:
+            batch = varlen_batch(h, g)
+        else:
+            batch = torch.randint(0, V, (2, h.train_seq_len), generator=g), torch.randint(0, V, (2, h.train_seq_len), generator=g)
         losses, nlls = [], []
-        old = tg.FLASH_ATTN_FUNC
-        tg.FLASH_ATTN_FUNC = fa3 if attention == "fa3" else None
+        old = tg.FLASH_ATTN_FUNC, tg.FLASH_ATTN_VARLEN_FUNC
+        tg.FLASH_ATTN_FUNC, tg.FLASH_ATTN_VARLEN_FUNC = (fa3, fa3.varlen) if attention == "fa3" else (None, None)
         try:
             with bench.CudaAutocastEmulation() as emulation:
                 for looping in (False, True):
                     model.looping_active = looping
                     model.train()
-                    loss = model(x, y)
+                    loss = model(*batch[:2], cu_seqlens=batch[2] if h.varlen else None)
                     loss.backward()
                     losses.append(loss.dtype)
                     model.eval()
                     with torch.no_grad():
-                        nlls.append(model(x, y, reduction="none").dtype)
+                        nlls.append(model(*batch[:2], reduction="none", cu_seqlens=batch[2] if h.varlen else None).dtype)
         finally:
-            tg.FLASH_ATTN_FUNC = old
+            tg.FLASH_ATTN_FUNC, tg.FLASH_ATTN_VARLEN_FUNC = old
         results[attention] = dict(model=model, fa3=fa3, outputs=outputs, losses=losses, nlls=nlls,
-                                  emulation=emulation, kernels=request.param == "kernels")
+                                  emulation=emulation, kernels=request.param == "kernels", varlen=h.varlen)
     return results
 
 
@@ -164,7 +235,11 @@ def test_cuda_activation_dtypes_are_the_records(cuda_dtype_run, attention):
     and, with SDPA, the whole residual stream fp32. The norms now cast back."""
     run = cuda_dtype_run[attention]
     assert run["emulation"].unprobed <= UNPROBED_OK, run["emulation"].unprobed
-    if attention == "fa3":
+    if attention == "fa3" and run["varlen"]:  # every call with the packed row: the varlen function alone
+        assert not run["fa3"].dtypes and run["fa3"].varlen_calls
+        assert {c[:3] for c in run["fa3"].varlen_calls} == {(torch.bfloat16,) * 3}
+        assert {c[3] for c in run["fa3"].varlen_calls} == {64}
+    elif attention == "fa3":
         assert run["fa3"].dtypes and set(run["fa3"].dtypes) == {(torch.bfloat16,) * 3}
     model, outputs = run["model"], run["outputs"]
     assert {n for n in outputs if n.startswith("blocks.") and n.count(".") == 1} == {f"blocks.{i}" for i in range(4)}

@@ -520,15 +520,16 @@ def test_default_pack_leaves_out_every_off_switch(default_pack):
     for leak in ("triton", "tl.", "load_kernels", "softcap_ce", "lqer_factors", "lqer_dequantize", "family_codecs",
                  "compress_by_family", "decompress_by_family", "8.156554524902461", "load_init_state",
                  "TRITON_INTERPRET", "lzma.", "import lzma", "load_validation_sidecar", "sidecar_window_bytes",
-                 "fineweb_val_[0-9]"):
+                 "fineweb_val_[0-9]", "varlen_attention", "packed_cu_seqlens", "DocumentPackedLoader", "searchsorted",
+                 "flash_attn_varlen_func", "concurrent"):
         assert leak not in source, leak
     preset, pins = pack.packed_for(source.encode())
     assert preset == pack.RECORD_DEFAULTS
-    assert pins == {"val_byte_sidecar": False, "init_state": "", "gptq_hessian_all_ranks": False, "fused_ce": False, "fused_mlp": False,
-                    "bigram_train_embed": False, "smear_mask_bos": False, "attn_clip_sigmas": None,
-                    "mlp_clip_sigmas": None, "lqer_top_k": 0, "muon_ns_coeffs": "record", "compressor": "brotli",
-                    "smear_pre_norm": False, "sparse_gate_scale": 0.0, "parallel_lanes_start": 0,
-                    "muon_bf16_momentum": False, "grad_clip_per_rank": False}
+    assert pins == {"val_byte_sidecar": False, "init_state": "", "gptq_hessian_all_ranks": False, "fused_ce": False,
+                    "fused_mlp": False, "bigram_train_embed": False, "smear_mask_bos": False, "varlen": False,
+                    "attn_clip_sigmas": None, "mlp_clip_sigmas": None, "lqer_top_k": 0, "muon_ns_coeffs": "record",
+                    "compressor": "brotli", "smear_pre_norm": False, "sparse_gate_scale": 0.0,
+                    "parallel_lanes_start": 0, "muon_bf16_momentum": False, "grad_clip_per_rank": False}
     assert len(default_pack.read_bytes()) < 18_097  # the record's own packed file
 
 
