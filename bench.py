@@ -938,6 +938,10 @@ def run_quant(args) -> int:
         w, m = tg.quantize_state_dict(state, hessians, h)
         t_quant = time.perf_counter() - t0
         blobs = {c: tg.compress_blob(w, m, c) for c in ("brotli", "family")}
+        t0 = time.perf_counter()
+        if h.compressor not in blobs:  # the variant's own compressor (pergroup) as a third column
+            blobs[h.compressor] = tg.compress_blob(w, m, h.compressor)
+        t_compress = time.perf_counter() - t0
         sizes = {c: len(b) for c, b in blobs.items()}
         n = int.from_bytes(blobs["family"][5:9], "little")
         header = json.loads(lzma.decompress(blobs["family"][9:9 + n]))
@@ -952,6 +956,16 @@ def run_quant(args) -> int:
         row = {"variant": label, "settings": settings, "brotli_bytes": sizes["brotli"], "family_bytes": sizes["family"],
                "quant_seconds": round(t_quant, 1), "lqer": [x for x in tg.category_table(w, m) if x.startswith("lqer:")],
                "families": families}
+        if h.compressor == "pergroup":
+            streams = tg.split_pergroup_streams(blobs["pergroup"], label)
+            t0 = time.perf_counter()
+            w2, m2 = tg.decompress_blob(blobs["pergroup"], label, "pergroup")
+            exact = m2 == m and set(w2) == set(w) and all(w2[k].dtype == w[k].dtype and torch.equal(w2[k], w[k]) for k in w)
+            if not exact:
+                raise SystemExit(f"{label}: the pergroup blob did not read back exactly")
+            row.update(pergroup_bytes=sizes["pergroup"], pergroup_seconds=round(t_compress, 1),
+                       pergroup_read_seconds=round(time.perf_counter() - t0, 1), pergroup_round_trip="exact",
+                       pergroup_streams={n: len(s) for n, s in zip(tg.PERGROUP_NAMES, streams)})
         if key in evaluated:
             row.update(evaluated[key], same_weights_as=evaluated[key]["variant"])
         elif args.reuse_run_quantized and not settings and "quantized" in stage and label not in args.full:
@@ -974,6 +988,8 @@ def run_quant(args) -> int:
                                                   "sliding_bpb", "ttt_bpb") if k in row}
         rows.append(row)
         line = (f"{label:16s} brotli {row['brotli_bytes']:>9,d}  family {row['family_bytes']:>9,d}  "
+                + (f"pergroup {row['pergroup_bytes']:>9,d}  " if "pergroup_bytes" in row else "")
+                + 
                 f"quantized {row['quantized_bpb']:.5f}  penalty {row['penalty']:+.5f}"
                 + (f"  sliding {row['sliding_bpb']:.5f}" if "sliding_bpb" in row else "")
                 + (f"  ttt {row['ttt_bpb']:.5f}" if "ttt_bpb" in row else "")
