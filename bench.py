@@ -967,7 +967,8 @@ def run_quant(args) -> int:
                        pergroup_read_seconds=round(time.perf_counter() - t0, 1), pergroup_round_trip="exact",
                        pergroup_streams={n: len(s) for n, s in zip(tg.PERGROUP_NAMES, streams)})
         if key in evaluated:
-            row.update(evaluated[key], same_weights_as=evaluated[key]["variant"])
+            # the same dequantized weights as an earlier variant: its score (the label stays this row's own)
+            row.update({k: v for k, v in evaluated[key].items() if k != "variant"}, same_weights_as=evaluated[key]["variant"])
         elif args.reuse_run_quantized and not settings and "quantized" in stage and label not in args.full:
             # the record's settings on the run's own weights: the run already evaluated this artifact
             row.update(quantized_bpb=stage["quantized"], penalty=stage["quantized"] - post_ema, from_training_log=True)
