@@ -32,6 +32,10 @@
       retraining): for each variant, blob bytes with the record's single brotli stream and with
       COMPRESSOR=family, the quantized bpb and its penalty over the run's post-EMA bpb; sliding
       and TTT bpb for the --full variants. Writes logs/NAME.{txt,json} (NAME: a plain name, as for run).
+  python bench.py project [--preset FILE] [--code PACKED_FILE]
+      The size projection a run logs before training (projected_model_bytes), for the full
+      36.5M-parameter config with the preset's settings over the record's defaults, plus the code
+      bytes of PACKED_FILE (e.g. what `pack.py --preset FILE` wrote). A projection, not a measurement.
   python bench.py plot OUT.png JSON ...
       Bytes-vs-penalty plot of `quant` results (needs matplotlib: requirements-bench.txt).
   python bench.py table JSON ...
@@ -1009,6 +1013,25 @@ def run_quant(args) -> int:
     return 0
 
 
+def run_project(args) -> int:
+    import torch
+
+    import train_gpt as tg
+
+    settings = read_preset(Path(args.preset)) if args.preset else {}
+    h = tg.Hyperparameters.from_env(settings)
+    with torch.device("meta"):
+        state = tg.GPT(h).state_dict()
+    projected = tg.projected_model_bytes(state, h)
+    model, code = sum(projected.values()), Path(args.code).stat().st_size if args.code else 0
+    print(f"settings: {' '.join(f'{k}={v}' for k, v in settings.items()) or 'the record defaults'}; "
+          f"code: {args.code or 'not counted'}")
+    # the line a run with these settings logs before training (MAIN)
+    print(f"projected_artifact_bytes:{model + code} (model {model} + code {code}; limit {h.size_limit_bytes}) "
+          + " ".join(f"[{k}]:{v}" for k, v in sorted(projected.items())))
+    return 0
+
+
 def run_plot(args) -> int:
     import matplotlib
 
@@ -1092,6 +1115,9 @@ def main(argv=None) -> int:
     q.add_argument("--reuse-run-quantized", action="store_true",
                    help="take the record's settings' quantized bpb from the run's log instead of evaluating again")
     q.add_argument("--out-dir", default="logs")
+    pj = sub.add_parser("project", help="the projected artifact bytes of the full config with a preset's settings")
+    pj.add_argument("--preset", help="KEY=VALUE settings over the record's defaults")
+    pj.add_argument("--code", help="a packed file whose bytes the projection adds")
     p = sub.add_parser("plot", help="bytes-vs-penalty PNG of quant results")
     p.add_argument("out")
     p.add_argument("results", nargs="+")
@@ -1101,7 +1127,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress, "memory": run_memory,
             "gpu-check": run_gpu_check, "kernels": run_kernels,
-            "quant": run_quant, "plot": run_plot, "table": run_table}[args.cmd](args)
+            "quant": run_quant, "project": run_project, "plot": run_plot, "table": run_table}[args.cmd](args)
 
 
 if __name__ == "__main__":

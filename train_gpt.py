@@ -1804,7 +1804,11 @@ PROJECTION_CODE_OVERHEAD = 1.016  # compressed GPTQ codes / their Gaussian entro
 PROJECTION_ROW_SCALE_BYTES = 0.93  # one fp16 per-row scale, compressed
 PROJECTION_TRAINED_BIGRAM_BYTES = 0.78  # int6 per-row code of a trained bigram table
 PROJECTION_SMALL_INT8_BYTES = 1.0  # per-tensor and per-row int8 codes: taken at their raw size
-PROJECTION_PERGROUP_CODE_OVERHEAD = 1.0  # COMPRESSOR=pergroup's lrzip streams of GPTQ codes / their Gaussian entropy
+# COMPRESSOR=pergroup, measured on the trained cpu_small seed-1 weights (logs/cpu_quant_small_seed1_fq.json): the
+# lrzip streams of the block matrices cost 1.001-1.002x their codes' Gaussian entropy (the embedding's 0.64x, a
+# trait of that small model, is not counted on); the stored row orders 1.51 bytes a row, taken at their raw 2.
+PROJECTION_PERGROUP_CODE_OVERHEAD = 1.002  # lrzip streams of GPTQ codes / their Gaussian entropy
+PROJECTION_ROW_ORDER_BYTES = 2.0  # one uint16 row index of a PERGROUP_SORTED matrix
 
 
 def gaussian_code_bits(clip_range: int, clip_sigmas: float) -> float:
@@ -1853,6 +1857,9 @@ def projected_model_bytes(state: dict, h: Hyperparameters) -> dict[str, int]:
             r, g = min(h.lqer_rank, rows, cols), min(h.lqer_group, cols)
             groups = -(-cols // g)
             out["lqer"] += rows * -(-r // 4) + 2 + r * -(-groups * g // 2) + 2 * r * groups  # raw: A, its scale, B, B's scales
+    if h.compressor == "pergroup":
+        out["pergroup row orders"] = PROJECTION_ROW_ORDER_BYTES * sum(
+            t.shape[0] for name, t in state.items() if pergroup_group(name) in PERGROUP_SORTED)
     return {k: int(round(v)) for k, v in out.items()}
 
 
@@ -2046,12 +2053,17 @@ def l1_row_order(codes: np.ndarray) -> np.ndarray:
     return order
 
 
+def pergroup_group(name: str) -> str | None:
+    """The PERGROUP_STREAMS entry of a state-dict name, if it has one."""
+    return next((g for g in PERGROUP_STREAMS if name == g or name.endswith("." + g)), None)
+
+
 def pergroup_stream(key: str, t: Tensor) -> str | None:
     """The PERGROUP_STREAMS entry holding one blob tensor: 2-D int8 codes '<matrix>.q' alone."""
     name, _, part = key.rpartition(".")
     if part != "q" or t.dtype != torch.int8 or t.ndim != 2:
         return None
-    return next((g for g in PERGROUP_STREAMS if name == g or name.endswith("." + g)), None)
+    return pergroup_group(name)
 
 
 def layer_order(key: str) -> tuple[int, str]:
@@ -2117,6 +2129,8 @@ def split_pergroup_streams(blob: bytes, source: str) -> list[bytes]:
 
 
 def decompress_by_group(blob: bytes, source: str) -> tuple[dict, dict]:
+    """Inverse of compress_by_group: every stream is checked (lrzip's own MD5, then the CRC-32s and
+    lengths the rest records), and a bad one is refused by the name of its tensor group."""
     import zlib
     from concurrent.futures import ThreadPoolExecutor
 
@@ -2154,6 +2168,8 @@ def decompress_by_group(blob: bytes, source: str) -> tuple[dict, dict]:
     for (group, tensors, raw_len, crc), raw in zip(manifest, raws):
         if len(raw) != raw_len or zlib.crc32(raw) != crc:
             raise corrupt(group, "CRC-32 or length mismatch")
+        if sum(rows * cols for _, (rows, cols) in tensors) != raw_len:
+            raise corrupt("rest", f"the shapes it lists for {group!r} do not fill that stream")
         pos = 0
         for key, (rows, cols) in tensors:
             codes = np.frombuffer(raw, dtype=np.int8, count=rows * cols, offset=pos).reshape(cols, rows).T
@@ -2166,7 +2182,9 @@ def decompress_by_group(blob: bytes, source: str) -> tuple[dict, dict]:
                 restored = np.empty_like(codes)
                 restored[order] = codes  # row i of the stored matrix is row order[i] of the original
                 codes = restored
-            w[key] = torch.from_numpy(np.ascontiguousarray(codes))
+            w[key] = torch.from_numpy(codes.copy())  # C order, and not a view of the blob's bytes
+    if order_pos != len(orders):
+        raise corrupt("row orders", f"{len(orders)} bytes for {order_pos} bytes of row orders")
     return w, m
 
 

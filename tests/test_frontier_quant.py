@@ -260,6 +260,8 @@ def test_projection_follows_the_frontier_switches():
         expected = int6 * train_gpt.gaussian_code_bits(31, 12.85) / 8 * train_gpt.PROJECTION_PERGROUP_CODE_OVERHEAD \
             + rows * train_gpt.PROJECTION_ROW_SCALE_BYTES
         assert pg["gptq (int6)"] == round(expected)
+        # and the row orders of tok_emb, c_q and fc: a uint16 per row, at their raw size
+        assert pg.pop("pergroup row orders") == 2 * (h.vocab_size + h.num_layers * (h.model_dim + int(h.mlp_mult * h.model_dim)))
         assert {k: v for k, v in pg.items() if not k.startswith("gptq")} == \
                {k: v for k, v in base.items() if not k.startswith("gptq")}
 
@@ -396,14 +398,27 @@ def test_pergroup_layout_streams_orders_and_codecs(pergroup_blob, tmp_path):
 
 
 @need_lrzip
-def test_pergroup_writes_an_empty_stream_for_an_absent_group():
-    w, m = pergroup_sample(lqer=False)
-    for key in [k for k in w if k.endswith("mlp.proj.weight.q")]:
-        w[key.removesuffix(".q")] = (w.pop(key).float() * w.pop(key.removesuffix(".q") + ".scale").float()[:, None]).half()
+def test_pergroup_empty_streams_layer_order_and_thin_matrices():
+    """Groups the blob lacks get empty streams; layers go in numeric order (blocks.10 after
+    blocks.2); one-row and one-column matrices read back exactly, as writable tensors."""
+    g = torch.Generator().manual_seed(3)
+    codes = lambda *shape: torch.randint(-31, 32, shape, generator=g, dtype=torch.int8)  # noqa: E731
+    w = {"tok_emb.weight.q": codes(3, 2), "tok_emb.weight.scale": torch.rand(3, generator=g).half(),
+         "blocks.10.attn.c_q.weight.q": codes(4, 4), "blocks.2.attn.c_q.weight.q": codes(4, 4),
+         "blocks.0.attn.c_q.weight.q": codes(1, 7), "blocks.1.attn.c_q.weight.q": codes(7, 1),
+         "blocks.0.mlp.fc.weight.q_pt": codes(5), "skip_weights": torch.rand(4, generator=g).half()}
+    m = {"tok_emb.weight": "gptq (int8)", "skip_weights": "passthrough (float16)"}
     blob = train_gpt.compress_blob(w, m, "pergroup")
-    assert container(blob)[STREAMS.index("mlp.proj.weight")] == b""
+    streams = container(blob)
+    assert [i for i, s in enumerate(streams[:len(STREAMS)]) if s] == [STREAMS.index("tok_emb.weight"),
+                                                                     STREAMS.index("attn.c_q.weight")]
+    rest = torch.load(io.BytesIO(brotli.decompress(streams[-2])), map_location="cpu", weights_only=True)
+    assert [key for key, _ in rest["groups"][STREAMS.index("attn.c_q.weight")][1]] == \
+           [f"blocks.{i}.attn.c_q.weight.q" for i in (0, 1, 2, 10)]
     w2, m2 = train_gpt.decompress_blob(blob, "pg.ptz", "pergroup")
+    assert m2 == m
     assert_same_tensors(w2, w)
+    assert all(t.numpy().flags.writeable for t in w2.values())
 
 
 @need_lrzip
