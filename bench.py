@@ -32,6 +32,10 @@
       retraining): for each variant, blob bytes with the record's single brotli stream and with
       COMPRESSOR=family, the quantized bpb and its penalty over the run's post-EMA bpb; sliding
       and TTT bpb for the --full variants. Writes logs/NAME.{txt,json} (NAME: a plain name, as for run).
+  python bench.py project [--preset FILE] [--code PACKED_FILE]
+      The size projection a run logs before training (projected_model_bytes), for the full
+      36.5M-parameter config with the preset's settings over the record's defaults, plus the code
+      bytes of PACKED_FILE (e.g. what `pack.py --preset FILE` wrote). A projection, not a measurement.
   python bench.py plot OUT.png JSON ...
       Bytes-vs-penalty plot of `quant` results (needs matplotlib: requirements-bench.txt).
   python bench.py table JSON ...
@@ -941,6 +945,10 @@ def run_quant(args) -> int:
         w, m = tg.quantize_state_dict(state, hessians, h)
         t_quant = time.perf_counter() - t0
         blobs = {c: tg.compress_blob(w, m, c) for c in ("brotli", "family")}
+        t0 = time.perf_counter()
+        if h.compressor not in blobs:  # the variant's own compressor (pergroup) as a third column
+            blobs[h.compressor] = tg.compress_blob(w, m, h.compressor)
+        t_compress = time.perf_counter() - t0
         sizes = {c: len(b) for c, b in blobs.items()}
         n = int.from_bytes(blobs["family"][5:9], "little")
         header = json.loads(lzma.decompress(blobs["family"][9:9 + n]))
@@ -955,8 +963,19 @@ def run_quant(args) -> int:
         row = {"variant": label, "settings": settings, "brotli_bytes": sizes["brotli"], "family_bytes": sizes["family"],
                "quant_seconds": round(t_quant, 1), "lqer": [x for x in tg.category_table(w, m) if x.startswith("lqer:")],
                "families": families}
+        if h.compressor == "pergroup":
+            streams = tg.split_pergroup_streams(blobs["pergroup"], label)
+            t0 = time.perf_counter()
+            w2, m2 = tg.decompress_blob(blobs["pergroup"], label, "pergroup")
+            exact = m2 == m and set(w2) == set(w) and all(w2[k].dtype == w[k].dtype and torch.equal(w2[k], w[k]) for k in w)
+            if not exact:
+                raise SystemExit(f"{label}: the pergroup blob did not read back exactly")
+            row.update(pergroup_bytes=sizes["pergroup"], pergroup_seconds=round(t_compress, 1),
+                       pergroup_read_seconds=round(time.perf_counter() - t0, 1), pergroup_round_trip="exact",
+                       pergroup_streams={n: len(s) for n, s in zip(tg.PERGROUP_NAMES, streams)})
         if key in evaluated:
-            row.update(evaluated[key], same_weights_as=evaluated[key]["variant"])
+            # the same dequantized weights as an earlier variant: its score (the label stays this row's own)
+            row.update({k: v for k, v in evaluated[key].items() if k != "variant"}, same_weights_as=evaluated[key]["variant"])
         elif args.reuse_run_quantized and not settings and "quantized" in stage and label not in args.full:
             # the record's settings on the run's own weights: the run already evaluated this artifact
             row.update(quantized_bpb=stage["quantized"], penalty=stage["quantized"] - post_ema, from_training_log=True)
@@ -977,6 +996,8 @@ def run_quant(args) -> int:
                                                   "sliding_bpb", "ttt_bpb") if k in row}
         rows.append(row)
         line = (f"{label:16s} brotli {row['brotli_bytes']:>9,d}  family {row['family_bytes']:>9,d}  "
+                + (f"pergroup {row['pergroup_bytes']:>9,d}  " if "pergroup_bytes" in row else "")
+                + 
                 f"quantized {row['quantized_bpb']:.5f}  penalty {row['penalty']:+.5f}"
                 + (f"  sliding {row['sliding_bpb']:.5f}" if "sliding_bpb" in row else "")
                 + (f"  ttt {row['ttt_bpb']:.5f}" if "ttt_bpb" in row else "")
@@ -992,6 +1013,25 @@ def run_quant(args) -> int:
               "post_ema_bpb": post_ema, "training_run_quantized_bpb": stage.get("quantized"), "rows": rows}
     write_record(out_dir / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
     write_record(out_dir / f"{args.name}.txt", command + "\n" + "\n".join(lines) + "\n")
+    return 0
+
+
+def run_project(args) -> int:
+    import torch
+
+    import train_gpt as tg
+
+    settings = read_preset(Path(args.preset)) if args.preset else {}
+    h = tg.Hyperparameters.from_env(settings)
+    with torch.device("meta"):
+        state = tg.GPT(h).state_dict()
+    projected = tg.projected_model_bytes(state, h)
+    model, code = sum(projected.values()), Path(args.code).stat().st_size if args.code else 0
+    print(f"settings: {' '.join(f'{k}={v}' for k, v in settings.items()) or 'the record defaults'}; "
+          f"code: {args.code or 'not counted'}")
+    # the line a run with these settings logs before training (MAIN)
+    print(f"projected_artifact_bytes:{model + code} (model {model} + code {code}; limit {h.size_limit_bytes}) "
+          + " ".join(f"[{k}]:{v}" for k, v in sorted(projected.items())))
     return 0
 
 
@@ -1113,6 +1153,9 @@ def main(argv=None) -> int:
     q.add_argument("--reuse-run-quantized", action="store_true",
                    help="take the record's settings' quantized bpb from the run's log instead of evaluating again")
     q.add_argument("--out-dir", default="logs")
+    pj = sub.add_parser("project", help="the projected artifact bytes of the full config with a preset's settings")
+    pj.add_argument("--preset", help="KEY=VALUE settings over the record's defaults")
+    pj.add_argument("--code", help="a packed file whose bytes the projection adds")
     p = sub.add_parser("plot", help="bytes-vs-penalty PNG of quant results")
     p.add_argument("out")
     p.add_argument("results", nargs="+")
@@ -1127,7 +1170,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     return {"run": run_benchmark, "gptq": run_gptq, "compress": run_compress, "memory": run_memory,
             "gpu-check": run_gpu_check, "kernels": run_kernels,
-            "quant": run_quant, "plot": run_plot, "curves": run_curves, "table": run_table}[args.cmd](args)
+            "quant": run_quant, "project": run_project, "plot": run_plot, "curves": run_curves,
+            "table": run_table}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -156,8 +156,13 @@ class Hyperparameters:
     lqer_top_k: int = switch(0)  # 0: off; else low-rank error correction of the k worst GPTQ matrices
     lqer_rank: int = 4  # rank of each LQER correction
     lqer_group: int = 64  # values per fp16 scale of the int4 factor B
+    # LQER's factors: packed (INT2/INT4 codes packed into bytes, A's scale searched) or asym (int8 codes
+    # of A in -2..1 at max|A|/1.5 and of B in -8..7 at max/7.5 per LQER_GROUP values, the frontier's)
+    lqer_form: str = choice("packed", "asym")
+    small_fp16: bool = switch(False)  # 1: small tensors fp16 but the attention gates int8 per row (the record: int8)
     muon_ns_coeffs: str = choice("record", "polar")  # Newton-Schulz schedule: record (one quintic) or polar
-    compressor: str = choice("brotli", "lzma", "family")  # brotli or lzma (one stream, as the record) or family
+    # brotli or lzma (one stream, as the record), family, or pergroup (lrzip ZPAQ streams by tensor group)
+    compressor: str = choice("brotli", "lzma", "family", "pergroup")
     size_limit_bytes: int = SIZE_LIMIT_BYTES  # the budget this run checks its code + artifact against
     # Longest a rank waits for the others (rank 0's GPTQ and compression is the longest
     # legitimate wait); past it a stopped or dead peer fails the run instead of hanging it.
@@ -201,6 +206,8 @@ class Hyperparameters:
         self.validate()
         if self.fused_ce or self.fused_mlp:
             load_kernels(self)  # a missing Triton stops here, before any work
+        if self.compressor == "pergroup":
+            lrzip_program()  # a missing lrzip stops here, before any work
 
     @property
     def head_dim(self) -> int:
@@ -277,6 +284,8 @@ class Hyperparameters:
         if h.lqer_top_k < 0 or (h.lqer_top_k and (h.lqer_rank < 1 or h.lqer_group < 1)):
             raise ValueError(f"LQER_TOP_K={h.lqer_top_k} must be >= 0, LQER_RANK={h.lqer_rank} and "
                              f"LQER_GROUP={h.lqer_group} >= 1")
+        if h.lqer_form == "asym" and not h.lqer_top_k:
+            raise ValueError("LQER_FORM=asym shapes the corrections of LQER_TOP_K, which is 0: set LQER_TOP_K >= 1")
         for f in dataclasses.fields(h):
             if "choices" in f.metadata and getattr(h, f.name) not in f.metadata["choices"]:
                 raise ValueError(f"{f.name.upper()}={getattr(h, f.name)!r} must be one of {', '.join(f.metadata['choices'])}")
@@ -978,7 +987,7 @@ TENSOR_ROLES = {
     "attn.proj.weight": (*_GPTQ, "attn"), "mlp.fc.weight": (*_GPTQ, "mlp"), "mlp.proj.weight": (*_GPTQ, "mlp"),
     "bigram.proj.weight": ("matrix", "int8_row", "control"), "smear_gate.weight": ("matrix", "int8_row", "control"),
     "attn_gate_proj.weight": ("control", "int8_row", "control"),
-    "attn.sparse_gate.weight": ("control", "int8_row", "control"),
+    "attn.sparse_gate.weight": ("control", "int8_row", "control"),  # the sparse attention gate (heads x 12)
     "smear_embed_gate.weight": _PASSTHROUGH, "lane_mix": _PASSTHROUGH,
     "attn_scale": _PER_TENSOR, "mlp_scale": _PER_TENSOR, "resid_mix": _PER_TENSOR, "skip_weights": _PER_TENSOR,
     "skip_gates": _PER_TENSOR, "q_gain": _PASSTHROUGH, "bigram.scale": _PASSTHROUGH, "smear_lambda": _PASSTHROUGH,
@@ -1787,6 +1796,15 @@ def quant_category(name: str, t: Tensor) -> str:
     return "fp16"
 
 
+def small_fp16_category(name: str, cat: str) -> str:
+    """SMALL_FP16=1: the small tensors Path A v3 stores as int8 stay fp16, as the frontier record
+    keeps them, except the attention gates (the per-row int8 tensors inside `attn.`: the sparse gate,
+    the output gate), which keep int8 per row with fp16 scales."""
+    if cat == "int8_tensor" or (cat == "int8_row" and ".attn." not in name):
+        return "fp16"
+    return cat
+
+
 def blob_label(cat: str, h: Hyperparameters) -> str:
     if cat == "gptq_int6":
         return f"gptq (int{h.matrix_bits})"
@@ -1948,6 +1966,47 @@ def lqer_factors(E: Tensor, rank: int, group: int) -> dict | None:
     return best
 
 
+def lqer_asym_factors(E: Tensor, rank: int, group: int) -> dict:
+    """LQER_FORM=asym: rank-r correction of the GPTQ error E in int8 codes, stored unpacked (the
+    compressor sees whole bytes): A = U_r S_r as clamp(round(A / s_A), -2, 1) with one fp16
+    s_A = max|A| / 1.5; B = V_r^T as clamp(round(B / s), -8, 7) with an fp16 s = max|B_g| / 7.5 per
+    `group` values of a row. Both grids are asymmetric (one more negative level). A row of B whose
+    width is not a multiple of `group` is stored padded to whole groups (the full config's never is)."""
+    rows, cols = E.shape
+    rank, group = min(rank, rows, cols), min(group, cols)
+    U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    A, B = U[:, :rank] * S[:rank], Vh[:rank]
+    # The floors only keep an all-zero factor's scale above fp16's underflow; real factors never reach them.
+    a_scale = (A.abs().max() / 1.5).clamp_min(1e-6).half()
+    a = torch.clamp(torch.round(A / a_scale.float()), -2, 1).to(torch.int8)
+    Bg = F.pad(B, (0, -cols % group)).reshape(rank, -1, group)
+    b_scale = (Bg.abs().amax(-1) / 7.5).clamp_min(1e-6).half()
+    b = torch.clamp(torch.round(Bg / b_scale.float()[..., None]), -8, 7).to(torch.int8).reshape(rank, -1)
+    return {"lqer_a": a, "lqer_a_scale": a_scale, "lqer_b": b, "lqer_b_scale": b_scale}
+
+
+def lqer_asym_dequantize(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, cols: int) -> Tensor:
+    """A (int8 codes times one scale) @ B (int8 codes times one scale per group of a row), cropped to
+    the matrix's width; the group width is the stored width over the number of scales."""
+    group = b.size(1) // b_scale.size(1)
+    B = b.float() * b_scale.float().repeat_interleave(group, dim=1)
+    return (a.float() * a_scale.float()) @ B[:, :cols]
+
+
+def lqer_correction(w: dict, name: str, shape: torch.Size, lqer_form: str | None) -> Tensor:
+    """The LQER term of one tensor of the blob. Both forms use the same four keys; the codes' dtype
+    tells them apart (packed: uint8, asym: int8). lqer_form: the run's LQER_FORM, which must be the
+    blob's (a packed file holds only its preset's reader); None reads either."""
+    a, a_scale, b, b_scale = (w[f"{name}.{k}"] for k in ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale"))
+    found = "asym" if a.dtype == torch.int8 else "packed"
+    if lqer_form is not None and found != lqer_form:
+        raise ValueError(f"{name}: the blob's LQER corrections are in the {found} form, but this run has "
+                         f"LQER_FORM={lqer_form}: set LQER_FORM={found} to read it")
+    if (lqer_form or found) == "asym":
+        return lqer_asym_dequantize(a, a_scale, b, b_scale, shape[1])
+    return lqer_dequantize(a, a_scale, b, b_scale, *shape)
+
+
 def apply_lqer(w: dict, state: dict, gptq_names: list[str], h: Hyperparameters) -> list[str]:
     """Add the LQER factors of the LQER_TOP_K GPTQ tensors with the largest Frobenius error to
     the blob dict; returns the names corrected."""
@@ -1957,7 +2016,10 @@ def apply_lqer(w: dict, state: dict, gptq_names: list[str], h: Hyperparameters) 
         errors[name] = state[name].detach().float().cpu() - q * scale[:, None]
     corrected = []
     for name in sorted(errors, key=lambda n: -errors[n].norm().item())[:h.lqer_top_k]:
-        factors = lqer_factors(errors[name], h.lqer_rank, h.lqer_group)
+        if h.lqer_form == "asym":  # always applied, as the frontier record does
+            factors = lqer_asym_factors(errors[name], h.lqer_rank, h.lqer_group)
+        else:
+            factors = lqer_factors(errors[name], h.lqer_rank, h.lqer_group)
         if factors is not None:
             w.update({f"{name}.{k}": v for k, v in factors.items()})
             corrected.append(name)
@@ -1973,6 +2035,8 @@ def quantize_state_dict(state: dict, hessians: dict, h: Hyperparameters) -> tupl
     matrix_range, embed_range = 2 ** (h.matrix_bits - 1) - 1, 2 ** (h.embed_bits - 1) - 1
     for name, t in state.items():
         cat = quant_category(name, t)
+        if h.small_fp16:
+            cat = small_fp16_category(name, cat)
         t = t.detach().cpu()
         m[name] = blob_label(cat, h)
         if cat in ("gptq_int6", "gptq_int8"):
@@ -1994,10 +2058,11 @@ def quantize_state_dict(state: dict, hessians: dict, h: Hyperparameters) -> tupl
     return w, m
 
 
-def dequantize_state_dict(w: dict, m: dict, lqer: bool = True) -> dict:
+def dequantize_state_dict(w: dict, m: dict, lqer: bool = True, lqer_form: str | None = None) -> dict:
     """Inverse of quantize_state_dict, driven by the keys present rather than the labels, so the
     record's blobs read too (including its fp16 block matrices of small configs). lqer=False: a run
-    without LQER, which refuses a blob carrying corrections rather than dropping them."""
+    without LQER, which refuses a blob carrying corrections rather than dropping them; lqer_form:
+    the run's LQER_FORM, the one form it reads (None: either; lqer_correction)."""
     if not lqer and any(k.endswith(".lqer_a") for k in w):
         raise ValueError("the blob carries LQER corrections, but this run has LQER_TOP_K=0: set LQER_TOP_K to read it")
     out = {}
@@ -2011,8 +2076,7 @@ def dequantize_state_dict(w: dict, m: dict, lqer: bool = True) -> dict:
             else:
                 out[name] = q * scale.reshape(-1, *([1] * (q.ndim - 1)))
             if lqer and name + ".lqer_a" in w:
-                out[name] = out[name] + lqer_dequantize(w[name + ".lqer_a"], w[name + ".lqer_a_scale"],
-                                                        w[name + ".lqer_b"], w[name + ".lqer_b_scale"], *q.shape)
+                out[name] = out[name] + lqer_correction(w, name, q.shape, lqer_form)
         elif name in w:
             out[name] = w[name].float()
         else:
@@ -2047,6 +2111,11 @@ PROJECTION_CODE_OVERHEAD = 1.016  # compressed GPTQ codes / their Gaussian entro
 PROJECTION_ROW_SCALE_BYTES = 0.93  # one fp16 per-row scale, compressed
 PROJECTION_TRAINED_BIGRAM_BYTES = 0.78  # int6 per-row code of a trained bigram table
 PROJECTION_SMALL_INT8_BYTES = 1.0  # per-tensor and per-row int8 codes: taken at their raw size
+# COMPRESSOR=pergroup, measured on the trained cpu_small seed-1 weights (logs/cpu_quant_small_seed1_fq.json): the
+# lrzip streams of the block matrices cost 1.001-1.002x their codes' Gaussian entropy (the embedding's 0.64x, a
+# trait of that small model, is not counted on); the stored row orders 1.51 bytes a row, taken at their raw 2.
+PROJECTION_PERGROUP_CODE_OVERHEAD = 1.002  # lrzip streams of GPTQ codes / their Gaussian entropy
+PROJECTION_ROW_ORDER_BYTES = 2.0  # one uint16 row index of a PERGROUP_SORTED matrix
 
 
 def gaussian_code_bits(clip_range: int, clip_sigmas: float) -> float:
@@ -2071,9 +2140,12 @@ def projected_model_bytes(state: dict, h: Hyperparameters) -> dict[str, int]:
     gptq = []
     for name, t in state.items():
         cat = quant_category(name, t)
+        if h.small_fp16:
+            cat = small_fp16_category(name, cat)
         if cat in ("gptq_int6", "gptq_int8"):
             bits = h.matrix_bits if cat == "gptq_int6" else h.embed_bits
-            code = gaussian_code_bits(2 ** (bits - 1) - 1, clip_sigmas_for(name, h)) / 8 * PROJECTION_CODE_OVERHEAD
+            code = gaussian_code_bits(2 ** (bits - 1) - 1, clip_sigmas_for(name, h)) / 8 * (
+                PROJECTION_PERGROUP_CODE_OVERHEAD if h.compressor == "pergroup" else PROJECTION_CODE_OVERHEAD)
             n = t.numel() * code + t.shape[0] * PROJECTION_ROW_SCALE_BYTES
             gptq.append((t.numel(), t.shape))
         elif cat == "int6_row":  # untrained (the record's quirk) it is all zeros and costs ~nothing
@@ -2084,12 +2156,17 @@ def projected_model_bytes(state: dict, h: Hyperparameters) -> dict[str, int]:
             n = 2 * t.numel()
         label = blob_label(cat, h)
         out[label] = out.get(label, 0) + n
-    if h.lqer_top_k:  # which tensors LQER picks is known only after GPTQ: count the largest
+    # Which tensors LQER picks is known only after GPTQ: count the largest. LQER_FORM=asym stores the
+    # same number of codes unpacked in int8 (4 and 16 levels): compressed, at most this packed width.
+    if h.lqer_top_k:
         out["lqer"] = 0
         for _, (rows, cols) in sorted(gptq, key=lambda x: -x[0])[:h.lqer_top_k]:
             r, g = min(h.lqer_rank, rows, cols), min(h.lqer_group, cols)
             groups = -(-cols // g)
             out["lqer"] += rows * -(-r // 4) + 2 + r * -(-groups * g // 2) + 2 * r * groups  # raw: A, its scale, B, B's scales
+    if h.compressor == "pergroup":
+        out["pergroup row orders"] = PROJECTION_ROW_ORDER_BYTES * sum(
+            t.shape[0] for name, t in state.items() if pergroup_group(name) in PERGROUP_SORTED)
     return {k: int(round(v)) for k, v in out.items()}
 
 
@@ -2099,6 +2176,8 @@ def projected_model_bytes(state: dict, h: Hyperparameters) -> dict[str, int]:
 #   groups the high and low bytes of the 16-bit scales and int8 pairs so the entropy coder
 #   sees two smoother streams. COMPRESSOR=family instead compresses each family of tensors
 #   (same role, same dtype) as its own stream with whichever codec makes it smallest ('QFAM').
+#   COMPRESSOR=pergroup gives the GPTQ codes of each matrix kind one lrzip ZPAQ stream, rows
+#   reordered so that similar ones are adjacent, and brotli the rest ('PGRP').
 #   Files are written to a temp name and renamed into place.
 # -----------------------------------------------------------------------------
 
@@ -2216,9 +2295,211 @@ def decompress_by_family(blob: bytes, source: str) -> tuple[dict, dict]:
     return w, m
 
 
+PERGROUP_MAGIC = b"PGRP"
+# `PERGROUP_STREAMS`: the matrices (by state-dict suffix) whose int8 GPTQ codes get one lrzip stream
+# each, every layer's in layer order, in container order; `PERGROUP_SORTED`: those whose rows are
+# reordered first. Then two brotli streams: the rest of the blob, and the row orders.
+PERGROUP_STREAMS = ("tok_emb.weight", "attn.c_k.weight", "attn.c_q.weight", "attn.c_v.weight", "attn.proj.weight",
+                    "mlp.fc.weight", "mlp.proj.weight")
+PERGROUP_SORTED = ("tok_emb.weight", "attn.c_q.weight", "mlp.fc.weight")
+PERGROUP_NAMES = (*PERGROUP_STREAMS, "rest", "row orders")  # every stream's name, as errors give it
+
+
+def lrzip_program() -> str:
+    """The lrzip program COMPRESSOR=pergroup runs; refused by name of its package when absent."""
+    import shutil
+
+    path = shutil.which("lrzip")
+    if path is None:
+        raise RuntimeError("COMPRESSOR=pergroup needs the lrzip program (its ZPAQ back-end), which is not on PATH: "
+                           "install Debian's package lrzip (apt-get install lrzip), or choose another COMPRESSOR")
+    return path
+
+
+def run_lrzip(options: list[str], data: bytes, what: str) -> bytes:
+    """lrzip OPTIONS on `data`, through files in a temporary folder that this function owns and always
+    removes. LRZIP=NOCONFIG: no lrzip.conf can change the bytes; TMP: its own temporary files stay in
+    the folder; -N: the caller's priority (lrzip renices itself to 19, and then starves on a busy
+    machine). A non-zero exit status raises RuntimeError with lrzip's message."""
+    import subprocess
+    import tempfile
+
+    program = lrzip_program()
+    with tempfile.TemporaryDirectory(prefix="pergroup_") as folder:
+        src, dst = os.path.join(folder, "stream.in"), os.path.join(folder, "stream.out")
+        with open(src, "wb") as f:
+            f.write(data)
+        env = dict(os.environ, LRZIP="NOCONFIG", TMP=folder, TMPDIR=folder)
+        proc = subprocess.run([program, "-q", "-N", str(os.nice(0)), *options, "-o", dst, src], capture_output=True,
+                              env=env)
+        if proc.returncode != 0:
+            message = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"lrzip {' '.join(options)} on {what} exited with status {proc.returncode}"
+                               + (f": {message[-1]}" if message else ""))
+        with open(dst, "rb") as f:
+            return f.read()
+
+
+def l1_row_order(codes: np.ndarray) -> np.ndarray:
+    """A greedy nearest-neighbour chain over the rows of an int8 matrix from row 0: each next row is
+    the unused one at the smallest L1 distance from the last (ties: the lowest index), so similar
+    rows sit next to each other for the compressor. Returns the order as uint16 (what is stored)."""
+    rows = codes.shape[0]
+    if rows > 65536:
+        raise ValueError(f"{rows} rows do not fit COMPRESSOR=pergroup's uint16 row order")
+    order = np.zeros(rows, dtype=np.uint16)
+    rest, index = codes[1:].astype(np.int16), np.arange(1, rows)  # unused rows, compacted as rows are taken
+    last = codes[0].astype(np.int16)
+    for i in range(1, rows):
+        dist = np.abs(rest - last).sum(axis=1, dtype=np.int32)
+        ties = np.flatnonzero(dist == dist.min())
+        j = ties[np.argmin(index[ties])]
+        order[i], last = index[j], rest[j].copy()
+        rest[j], index[j] = rest[-1], index[-1]
+        rest, index = rest[:-1], index[:-1]
+    return order
+
+
+def pergroup_group(name: str) -> str | None:
+    """The PERGROUP_STREAMS entry of a state-dict name, if it has one."""
+    return next((g for g in PERGROUP_STREAMS if name == g or name.endswith("." + g)), None)
+
+
+def pergroup_stream(key: str, t: Tensor) -> str | None:
+    """The PERGROUP_STREAMS entry holding one blob tensor: 2-D int8 codes '<matrix>.q' alone."""
+    name, _, part = key.rpartition(".")
+    if part != "q" or t.dtype != torch.int8 or t.ndim != 2:
+        return None
+    return pergroup_group(name)
+
+
+def layer_order(key: str) -> tuple[int, str]:
+    parts = key.split(".")
+    return (int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else -1), key
+
+
+def compress_by_group(w: dict, m: dict) -> bytes:
+    """'PGRP', the stream count and every stream's length (u32 little-endian), then the streams: one
+    `lrzip -z -L 9` (ZPAQ) stream per PERGROUP_STREAMS entry holding its matrices' codes, each matrix
+    rows reordered (PERGROUP_SORTED) and then transposed, so that a column's codes are adjacent (an
+    empty stream where the blob has none); everything else torch.save'd with the labels and the
+    streams' keys, shapes, lengths and CRC-32s, brotli-11 (window 2^24); the row orders, brotli-11."""
+    import struct
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import brotli
+
+    keys = {g: [] for g in PERGROUP_STREAMS}
+    rest = {}
+    for key in sorted(w, key=layer_order):
+        group = pergroup_stream(key, w[key])
+        if group is None:
+            rest[key] = w[key]
+        else:
+            keys[group].append(key)
+    raws, orders, manifest = [], [], []
+    for group in PERGROUP_STREAMS:
+        parts = []
+        for key in keys[group]:
+            codes = w[key].detach().cpu().contiguous().numpy()
+            if group in PERGROUP_SORTED:
+                order = l1_row_order(codes)
+                orders.append(order.tobytes())
+                codes = codes[order]
+            parts.append(np.ascontiguousarray(codes.T).tobytes())
+        raws.append(b"".join(parts))
+        manifest.append([group, [[key, list(w[key].shape)] for key in keys[group]], len(raws[-1]), zlib.crc32(raws[-1])])
+    order_bytes = b"".join(orders)
+    with ThreadPoolExecutor(max_workers=len(raws)) as pool:  # one lrzip process per stream at once
+        streams = list(pool.map(lambda g, raw: run_lrzip(["-z", "-L", "9"], raw, f"tensor group {g!r}") if raw else b"",
+                                PERGROUP_STREAMS, raws))
+    rest_bytes = torch_bytes({"w": rest, "m": m, "groups": manifest, "orders": [len(order_bytes), zlib.crc32(order_bytes)]})
+    streams.append(brotli.compress(rest_bytes, quality=11, lgwin=24))
+    streams.append(brotli.compress(order_bytes, quality=11) if order_bytes else b"")
+    return PERGROUP_MAGIC + struct.pack(f"<{1 + len(streams)}I", len(streams), *map(len, streams)) + b"".join(streams)
+
+
+def split_pergroup_streams(blob: bytes, source: str) -> list[bytes]:
+    """The container's streams, checked against its header: a truncated or padded blob is refused."""
+    import struct
+
+    count, head = len(PERGROUP_NAMES), 8 + 4 * len(PERGROUP_NAMES)
+    if len(blob) < head or struct.unpack_from("<I", blob, 4)[0] != count:
+        raise ValueError(f"{source}: PGRP header is truncated or does not list {count} streams")
+    lengths = struct.unpack_from(f"<{count}I", blob, 8)
+    if head + sum(lengths) != len(blob):
+        raise ValueError(f"{source}: PGRP blob has {len(blob)} bytes, its header {head + sum(lengths)} "
+                         f"(truncated or padded)")
+    bounds = np.cumsum([head, *lengths]).tolist()
+    return [blob[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def decompress_by_group(blob: bytes, source: str) -> tuple[dict, dict]:
+    """Inverse of compress_by_group: every stream is checked (lrzip's own MD5, then the CRC-32s and
+    lengths the rest records), and a bad one is refused by the name of its tensor group."""
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import brotli
+
+    streams = split_pergroup_streams(blob, source)
+
+    def corrupt(group: str, why: str) -> ValueError:
+        return ValueError(f"{source}: tensor group {group!r} is corrupt ({why})")
+
+    try:
+        obj = torch_load_checked(brotli.decompress(streams[-2]))
+        w, m, manifest, (order_len, order_crc) = obj["w"], obj["m"], obj["groups"], obj["orders"]
+    except Exception as e:
+        raise corrupt("rest", f"{type(e).__name__}: {e}") from None
+    if [g[0] for g in manifest] != list(PERGROUP_STREAMS):
+        raise corrupt("rest", f"it lists the streams {[g[0] for g in manifest]}")
+    try:
+        orders = brotli.decompress(streams[-1]) if streams[-1] else b""
+    except Exception as e:
+        raise corrupt("row orders", f"brotli: {type(e).__name__}") from None
+    if len(orders) != order_len or zlib.crc32(orders) != order_crc:
+        raise corrupt("row orders", "CRC-32 or length mismatch")
+    lrzip_program()  # a missing program is not a corrupt stream
+
+    def unpack(group: str, data: bytes) -> bytes:
+        try:
+            return run_lrzip(["-d", "-f"], data, f"tensor group {group!r}") if data else b""
+        except RuntimeError as e:
+            raise corrupt(group, str(e)) from None
+
+    with ThreadPoolExecutor(max_workers=len(PERGROUP_STREAMS)) as pool:
+        raws = list(pool.map(unpack, PERGROUP_STREAMS, streams[:len(PERGROUP_STREAMS)]))
+    order_pos = 0
+    for (group, tensors, raw_len, crc), raw in zip(manifest, raws):
+        if len(raw) != raw_len or zlib.crc32(raw) != crc:
+            raise corrupt(group, "CRC-32 or length mismatch")
+        if sum(rows * cols for _, (rows, cols) in tensors) != raw_len:
+            raise corrupt("rest", f"the shapes it lists for {group!r} do not fill that stream")
+        pos = 0
+        for key, (rows, cols) in tensors:
+            codes = np.frombuffer(raw, dtype=np.int8, count=rows * cols, offset=pos).reshape(cols, rows).T
+            pos += rows * cols
+            if group in PERGROUP_SORTED:
+                order = np.frombuffer(orders, dtype=np.uint16, count=rows, offset=order_pos).astype(np.int64)
+                order_pos += 2 * rows
+                if not np.array_equal(np.sort(order), np.arange(rows)):
+                    raise corrupt("row orders", f"the order of {key} is not a permutation")
+                restored = np.empty_like(codes)
+                restored[order] = codes  # row i of the stored matrix is row order[i] of the original
+                codes = restored
+            w[key] = torch.from_numpy(codes.copy())  # C order, and not a view of the blob's bytes
+    if order_pos != len(orders):
+        raise corrupt("row orders", f"{len(orders)} bytes for {order_pos} bytes of row orders")
+    return w, m
+
+
 def compress_blob(w: dict, m: dict, compressor: str) -> bytes:
     if compressor == "family":
         return compress_by_family(w, m)
+    if compressor == "pergroup":
+        return compress_by_group(w, m)
     buf = io.BytesIO()
     torch.save({"w": w, "m": m}, buf)
     shuffled = byte_shuffle(buf.getvalue())
@@ -2233,6 +2514,8 @@ def blob_compressor(head: bytes) -> str:
     """The COMPRESSOR that wrote a blob, from its first bytes (brotli streams have no magic)."""
     if head.startswith(FAMILY_MAGIC):
         return "family"
+    if head.startswith(PERGROUP_MAGIC):
+        return "pergroup"
     return "lzma" if head.startswith(XZ_MAGIC) else "brotli"
 
 
@@ -2252,6 +2535,8 @@ def decompress_blob(blob: bytes, source: str, compressor: str | None = None) -> 
     found = compressor or blob_compressor(blob)
     if found == "family":
         return decompress_by_family(blob, source)
+    if found == "pergroup":
+        return decompress_by_group(blob, source)
     try:
         if found == "lzma":
             raw = lzma.decompress(blob)
@@ -2262,14 +2547,7 @@ def decompress_blob(blob: bytes, source: str, compressor: str | None = None) -> 
     except Exception as e:
         raise ValueError(f"{source}: not a brotli or xz stream ({type(e).__name__}: {e})") from None
     try:
-        import zipfile
-
-        raw = byte_unshuffle(raw)
-        with zipfile.ZipFile(io.BytesIO(raw)) as archive:  # brotli has no checksum: use the zip's CRC-32s
-            bad = archive.testzip()
-        if bad is not None:
-            raise ValueError(f"CRC-32 mismatch in {bad}")
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        obj = torch_load_checked(byte_unshuffle(raw))
         w, m = obj["w"], obj["m"]
     except Exception as e:
         raise ValueError(f"{source}: decompressed, but the contents are not a quantized model ({e})") from None
@@ -2313,6 +2591,17 @@ def torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+def torch_load_checked(raw: bytes):
+    """torch.load of torch.save's bytes once the zip's CRC-32s match (brotli has no checksum)."""
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"CRC-32 mismatch in {bad}")
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
 def load_init_state(path: str) -> dict:
     """INIT_STATE: a state dict as torch.save wrote it (final_model.pt), never an artifact."""
     if not os.path.isfile(path):
@@ -2338,7 +2627,7 @@ def load_quantized_model(h: Hyperparameters, rt: Runtime, path: str) -> GPT:
     with open(path, "rb") as f:
         w, m = decompress_blob(f.read(), path, h.compressor)
     model = build_model(h, rt.device, rt.is_cuda)
-    load_into_model(model, dequantize_state_dict(w, m, h.lqer_top_k > 0), path)
+    load_into_model(model, dequantize_state_dict(w, m, h.lqer_top_k > 0, h.lqer_form), path)
     return model.loop_as_trained()
 
 

@@ -514,22 +514,25 @@ def record_default_env(tiny_data, **changes) -> dict:
 @needs_train_gpt
 def test_default_pack_leaves_out_every_off_switch(default_pack):
     """No code of a switch the record has off is in its packed file: not the Triton kernels, not
-    LQER, not the per-family or LZMA compressors, not the Polar Express schedule, not INIT_STATE
-    (the family format's magic stays: the reader names a blob's format when it refuses it)."""
+    LQER in either form, not SMALL_FP16, not the per-family, per-group or LZMA compressors, not the
+    Polar Express schedule, not INIT_STATE (the family and pergroup formats' magics stay: the reader
+    names a blob's format when it refuses it)."""
     source = pack.unpack(default_pack.read_bytes()).decode()
     for leak in ("triton", "tl.", "load_kernels", "softcap_ce", "lqer_factors", "lqer_dequantize", "family_codecs",
                  "compress_by_family", "decompress_by_family", "8.156554524902461", "load_init_state",
                  "TRITON_INTERPRET", "lzma.", "import lzma", "load_validation_sidecar", "sidecar_window_bytes",
                  "fineweb_val_[0-9]", "varlen_attention", "packed_cu_seqlens", "DocumentPackedLoader", "searchsorted",
-                 "flash_attn_varlen_func", "concurrent"):
+                 "flash_attn_varlen_func", "concurrent", "lqer_asym", "lqer_correction", "small_fp16_category",
+                 "lrzip", "l1_row_order", "compress_by_group", "decompress_by_group", "PERGROUP_STREAMS"):
         assert leak not in source, leak
     preset, pins = pack.packed_for(source.encode())
     assert preset == pack.RECORD_DEFAULTS
     assert pins == {"val_byte_sidecar": False, "init_state": "", "gptq_hessian_all_ranks": False, "fused_ce": False,
                     "fused_mlp": False, "bigram_train_embed": False, "smear_mask_bos": False, "varlen": False,
-                    "attn_clip_sigmas": None, "mlp_clip_sigmas": None, "lqer_top_k": 0, "muon_ns_coeffs": "record",
-                    "compressor": "brotli", "smear_pre_norm": False, "sparse_gate_scale": 0.0,
-                    "parallel_lanes_start": 0, "muon_bf16_momentum": False, "grad_clip_per_rank": False}
+                    "attn_clip_sigmas": None, "mlp_clip_sigmas": None, "lqer_top_k": 0, "lqer_form": "packed",
+                    "small_fp16": False, "muon_ns_coeffs": "record", "compressor": "brotli", "smear_pre_norm": False,
+                    "sparse_gate_scale": 0.0, "parallel_lanes_start": 0, "muon_bf16_momentum": False,
+                    "grad_clip_per_rank": False}
     assert len(default_pack.read_bytes()) < 18_097  # the record's own packed file
 
 
