@@ -525,7 +525,8 @@ def test_default_pack_leaves_out_every_off_switch(default_pack):
     assert preset == pack.RECORD_DEFAULTS
     assert pins == {"init_state": "", "gptq_hessian_all_ranks": False, "fused_ce": False, "fused_mlp": False,
                     "bigram_train_embed": False, "smear_mask_bos": False, "attn_clip_sigmas": None,
-                    "mlp_clip_sigmas": None, "lqer_top_k": 0, "muon_ns_coeffs": "record", "compressor": "brotli"}
+                    "mlp_clip_sigmas": None, "lqer_top_k": 0, "muon_ns_coeffs": "record", "compressor": "brotli",
+                    "phased_ttt_enabled": False, "phased_ttt_shared_forward": False}
     assert len(default_pack.read_bytes()) < 18_097  # the record's own packed file
 
 
@@ -634,7 +635,8 @@ def test_lines_of_gives_every_line_of_a_kind_in_order(tmp_path):
     assert [m.group(1, 3, 4) for m in logformat.lines_of(text, "val")] == [("0", "9.0109", "3.4737"),
                                                                           ("4000", "2.9000", "1.1200")]
     assert [m.group(1, 2, 3) for m in logformat.lines_of(text, "train_loss")] == [("500", "20000", "3.1234")]
-    assert [m.group(1) for m in logformat.lines_of(text, "stage")] == list(logformat.STAGES)
+    assert [m.group(1) for m in logformat.lines_of(text, "stage")] == [s for s in logformat.STAGES
+                                                                       if s != "quantized_ttt_phased"]
     assert logformat.lines_of(text, "weights_checksum") == []
 
 
