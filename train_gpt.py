@@ -2082,7 +2082,9 @@ def load_quantized_model(h: Hyperparameters, rt: Runtime, path: str) -> GPT:
 #   All scoring goes through score_windows(): a window is (start, first scored target, end),
 #   each target is scored once with the context the window gives it. Plain evaluation is
 #   windows of EVAL_SEQ_LEN every EVAL_SEQ_LEN tokens; sliding evaluation advances by
-#   EVAL_STRIDE; score-first TTT scores a chunk's windows, then trains on that chunk.
+#   EVAL_STRIDE; score-first TTT scores a chunk's windows, then trains on that chunk. Phased TTT
+#   (PHASED_TTT_ENABLED, below) scores documents chunk by chunk, each with adapters of its own
+#   that then train on the chunk: its rows are documents' windows, summed as score_windows sums.
 # -----------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import QUICK, TINY_VOCAB as V, read_log, run_main, tiny_hparams
+from conftest import TINY_VOCAB as V, read_log, run_main, tiny_hparams
 from test_eval import RUN, build_model, fake_luts, lut_bytes
 
 TESTS = Path(__file__).resolve().parent
