@@ -25,9 +25,10 @@ STAGES = {  # log label -> JSON key, in evaluation order
     "quantized": "quantized",
     "quantized_sliding_window": "quantized_sliding_window",
     "quantized_ttt": "quantized_ttt",
+    "quantized_ttt_phased": "quantized_ttt_phased",
 }
-FINAL_ORDER = ("quantized_ttt", "quantized_sliding_window", "quantized")  # first present is final
-QUANTIZED_STAGES = ("quantized", "quantized_sliding_window", "quantized_ttt")
+FINAL_ORDER = ("quantized_ttt_phased", "quantized_ttt", "quantized_sliding_window", "quantized")  # first present is final
+QUANTIZED_STAGES = ("quantized", "quantized_sliding_window", "quantized_ttt", "quantized_ttt_phased")
 PATH_HPARAMS = {"DATA_DIR", "DATA_PATH", "TOKENIZER_PATH", "QUANTIZED_MODEL_PATH", "INIT_STATE"}
 RUN_HPARAMS = {"SEED", "RUN_ID"}
 
@@ -137,7 +138,8 @@ def parse_log(path: str | Path) -> dict:
     log["run_id"] = log["hparams"].get("RUN_ID")
     log["final_stage"] = next(s for s in FINAL_ORDER if s in log["stages"])
     # A run killed mid-evaluation still has its earlier stages: the settings say which must be there.
-    for stage, switch in (("quantized_sliding_window", "SLIDING_WINDOW_ENABLED"), ("quantized_ttt", "TTT_ENABLED")):
+    for stage, switch in (("quantized_sliding_window", "SLIDING_WINDOW_ENABLED"), ("quantized_ttt", "TTT_ENABLED"),
+                          ("quantized_ttt_phased", "PHASED_TTT_ENABLED")):
         if log["hparams"].get(switch, "").lower() in ("true", "1") and stage not in log["stages"]:
             raise LogError(f"{path}: {switch} is on but there is no '{stage} val_loss:...' line; "
                            "the run did not finish its evaluation")

@@ -179,6 +179,16 @@ class Hyperparameters:
     ttt_chunk_tokens: int = 32768  # validation tokens per TTT chunk
     ttt_batch_seqs: int = 32  # sequences per TTT step on each rank
     ttt_grad_clip: float = 1.0  # TTT gradient-norm clip
+    # Phased TTT, a stage after the others (EVALUATION: its fixed constants, PHASED_*, and the
+    # settings its global SGD phases share with TTT). Defaults: the frontier record's run.
+    phased_ttt_enabled: bool = switch(False)  # run phased score-first TTT (quantized_ttt_phased)
+    phased_ttt_lora_rank: int = 80  # rank of each per-document adapter (outputs scaled by 144 / rank)
+    phased_ttt_beta2: float = 0.99  # AdamW beta2 of the adapters
+    phased_ttt_wd: float = 0.5  # AdamW weight decay of the adapters
+    phased_ttt_batch_docs: int = 64  # documents per batch, each with adapters of its own
+    phased_ttt_prefix_docs: int = 2500  # documents scored before the last global SGD phase
+    phased_ttt_num_phases: int = 3  # global SGD phases, evenly spaced over the prefix documents
+    phased_ttt_shared_forward: bool = switch(False)  # 1: score from the training forward's losses (one forward less)
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> Hyperparameters:
@@ -275,6 +285,8 @@ class Hyperparameters:
                 f"and EVAL_SEQ_LEN={h.eval_seq_len}, or a scored window would straddle two chunks")
         if h.ttt_enabled and not h.sliding_window_enabled:
             raise ValueError("TTT_ENABLED=1 needs SLIDING_WINDOW_ENABLED=1 (TTT scores through sliding windows)")
+        if h.phased_ttt_enabled:
+            validate_phased_ttt(h)
         for name in ("matrix_bits", "embed_bits"):
             if not 2 <= getattr(h, name) <= 8:
                 raise ValueError(f"{name.upper()}={getattr(h, name)} must be in 2..8 (stored as int8)")
@@ -297,6 +309,24 @@ class Hyperparameters:
 # (name, type, default) of every setting, in field order: what tools and tests iterate.
 HPARAMS = tuple((f.name, {"str": str, "int": int, "float": float, "bool": bool}[f.type.split(" |")[0]], f.default)
                 for f in dataclasses.fields(Hyperparameters))
+
+
+def validate_phased_ttt(h: Hyperparameters) -> None:
+    """PHASED_TTT_ENABLED=1's settings; bad values stop at construction, as every other's."""
+    for name in ("phased_ttt_lora_rank", "phased_ttt_batch_docs", "phased_ttt_num_phases"):
+        if getattr(h, name) < 1:
+            raise ValueError(f"{name.upper()}={getattr(h, name)} must be >= 1")
+    if h.phased_ttt_prefix_docs < 0:
+        raise ValueError(f"PHASED_TTT_PREFIX_DOCS={h.phased_ttt_prefix_docs} must be >= 0 (0: no global SGD phase)")
+    if PHASED_CHUNK > h.eval_seq_len:
+        raise ValueError(f"PHASED_TTT_ENABLED=1 needs EVAL_SEQ_LEN={h.eval_seq_len} >= {PHASED_CHUNK} (PHASED_CHUNK): "
+                         "a chunk is scored inside one window of at most EVAL_SEQ_LEN tokens")
+    if h.eval_seq_len > h.train_seq_len:
+        raise ValueError(f"PHASED_TTT_ENABLED=1 needs EVAL_SEQ_LEN={h.eval_seq_len} <= TRAIN_SEQ_LEN={h.train_seq_len}: "
+                         "above it the rotary base stretches with the row width, and phased TTT's windows vary in width")
+    if h.ttt_chunk_tokens % h.eval_seq_len:
+        raise ValueError(f"PHASED_TTT_ENABLED=1 needs TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} to be a multiple of "
+                         f"EVAL_SEQ_LEN={h.eval_seq_len}: the global SGD phases train on whole sequences of a chunk")
 
 
 def env_settings(environ) -> dict:
@@ -1120,12 +1150,16 @@ class CausalSelfAttention(nn.Module):
         self.sparse_scale = h.sparse_gate_scale
         if self.sparse_scale:  # zero-init: every head starts at half its output
             self.sparse_gate = CastedLinear(h.gate_width, h.num_heads, zero_init=True)
+        self.lora_qkvo = h.phased_ttt_enabled  # forward may be given a slot's adapters (phased TTT)
 
-    def forward(self, a: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    def forward(self, a: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None = None,
+                lora: nn.Module | None = None) -> Tensor:
         B, T, _ = a.shape
         q = self.c_q(a).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(a).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(a).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.lora_qkvo and lora is not None:  # phased TTT: per-document adapters beside c_q, c_k, c_v
+            q, k, v = q + lora.q(a).view_as(q), k + lora.k(a).view_as(k), v + lora.v(a).view_as(v)
         q = apply_partial_rotary(rms_norm(q), cos, sin)
         k = apply_partial_rotary(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -1145,6 +1179,8 @@ class CausalSelfAttention(nn.Module):
         if self.sparse_scale:
             gate_in = a[..., : self.sparse_gate.in_features]
             y = y * torch.sigmoid(self.sparse_scale * self.sparse_gate(gate_in))[..., None]
+        if self.lora_qkvo and lora is not None:  # the output adapter runs beside all of attention, from a
+            return self.proj(y.reshape(B, T, -1)) + lora.o(a)
         return self.proj(y.reshape(B, T, -1))
 
 
@@ -1155,8 +1191,11 @@ class MLP(nn.Module):
         self.fc = CastedLinear(h.model_dim, hidden)
         self.proj = CastedLinear(hidden, h.model_dim, zero_init=True)
         self.fused = h.fused_mlp
+        self.lora_mlp = h.phased_ttt_enabled  # forward may be given a slot's adapters (phased TTT)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lora: nn.Module | None = None) -> Tensor:
+        if self.lora_mlp and lora is not None:  # phased TTT's adapter beside the MLP, from its input
+            return self.forward(x) + lora.mlp(x)
         if self.fused:
             return self.proj(fused_leaky_relu_sq(self.fc(x)))
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
@@ -1174,15 +1213,16 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
         self.parallel = layer >= h.parallel_residual_start
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None = None,
+                lora: nn.Module | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
         a = rms_norm(x_in) * self.norm_scale
-        attn_out = self.attn_scale.to(x.dtype) * self.attn(a, cos, sin, cu_seqlens)
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(a, cos, sin, cu_seqlens, lora)
         if self.parallel:
-            return x_in + attn_out + self.mlp_scale.to(x.dtype) * self.mlp(a)
+            return x_in + attn_out + self.mlp_scale.to(x.dtype) * self.mlp(a, lora)
         h = x_in + attn_out
-        return h + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(h) * self.norm_scale)
+        return h + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(h) * self.norm_scale, lora)
 
 
 class LaneBlock(Block):
@@ -1193,12 +1233,12 @@ class LaneBlock(Block):
     PARALLEL_RESIDUAL_START's one-lane form does not apply to it."""
 
     def forward(self, lanes: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane_mix: Tensor,
-                cu_seqlens: Tensor | None = None) -> Tensor:
+                cu_seqlens: Tensor | None = None, lora: nn.Module | None = None) -> Tensor:
         dtype = lanes.dtype
         mix = self.resid_mix.to(dtype)
         a = rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.norm_scale
-        attn_out = self.attn_scale.to(dtype) * self.attn(a, cos, sin, cu_seqlens)
-        mlp_out = self.mlp_scale.to(dtype) * self.mlp(rms_norm(lanes[1]) * self.norm_scale)
+        attn_out = self.attn_scale.to(dtype) * self.attn(a, cos, sin, cu_seqlens, lora)
+        mlp_out = self.mlp_scale.to(dtype) * self.mlp(rms_norm(lanes[1]) * self.norm_scale, lora)
         m = lane_mix.to(dtype)[..., None, None, None]  # (3, 2, 1, 1, 1): broadcast over (B, T, D)
         return m[0] * lanes + m[1] * attn_out + m[2] * mlp_out
 
@@ -1288,9 +1328,10 @@ class GPT(nn.Module):
             elif min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight)
 
-    def forward_hidden(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    def forward_hidden(self, ids: Tensor, cu_seqlens: Tensor | None = None, lora: nn.Module | None = None) -> Tensor:
         """Final-norm hidden states (B, T, model_dim): the input of the tied head. With cu_seqlens
-        (VARLEN=1) ids is one packed row whose documents attend only within themselves."""
+        (VARLEN=1) ids is one packed row whose documents attend only within themselves. `lora` (phased
+        TTT) holds one adapter set per slot of the virtual layer order: a looped layer has one per pass."""
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids).to(x.dtype)
@@ -1319,8 +1360,9 @@ class GPT(nn.Module):
         else:
             encoder, decoder = self.plain_encoder_indices, self.plain_decoder_indices
         skips = []
-        for i in encoder:
-            x = self.blocks[i](x, x0, cos, sin, cu_seqlens)
+        for i in encoder:  # phased TTT: slot len(skips)'s adapters (the blocks before are in skips)
+            x = self.blocks[i](x, x0, cos, sin, cu_seqlens,
+                               lora.slots[len(skips)] if self.h.phased_ttt_enabled and lora is not None else None)
             skips.append(x)
         lane1 = None  # the two-lane decoder's second lane once it has started; x is lane 0
         for j, i in enumerate(decoder):
@@ -1329,10 +1371,12 @@ class GPT(nn.Module):
             if j < self.skip_weights.size(0) and skips:  # U-Net skip; with two lanes, into lane 0 only
                 k = self.skip_weights[j].to(x.dtype) * skips.pop()
                 x = torch.lerp(k, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+            slot = lora.slots[len(encoder) + j] if self.h.phased_ttt_enabled and lora is not None else None
             if self.lanes and lane1 is not None:
-                x, lane1 = self.blocks[i](torch.stack((x, lane1)), x0, cos, sin, self.lane_mix[i], cu_seqlens).unbind(0)
+                x, lane1 = self.blocks[i](torch.stack((x, lane1)), x0, cos, sin, self.lane_mix[i], cu_seqlens,
+                                          slot).unbind(0)
             else:
-                x = self.blocks[i](x, x0, cos, sin, cu_seqlens)
+                x = self.blocks[i](x, x0, cos, sin, cu_seqlens, slot)
         if self.lanes and lane1 is not None:
             x = 0.5 * (x + lane1)  # the output is the lanes' mean
         return rms_norm(x)
@@ -1342,19 +1386,24 @@ class GPT(nn.Module):
         self.looping_active = self.h.num_loops > 0
         return self
 
-    def forward_logits(self, ids: Tensor, capped: bool = True, cu_seqlens: Tensor | None = None) -> Tensor:
-        x = self.forward_hidden(ids, cu_seqlens)
+    def forward_logits(self, ids: Tensor, capped: bool = True, cu_seqlens: Tensor | None = None,
+                       lora: nn.Module | None = None) -> Tensor:
+        x = self.forward_hidden(ids, cu_seqlens, lora)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        if self.h.phased_ttt_enabled and lora is not None:  # phased TTT's head adapter, before the soft cap
+            logits = logits + lora.head(x)
         return self.softcap * torch.tanh(logits / self.softcap) if capped else logits
 
-    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", cu_seqlens: Tensor | None = None,
+                lora: nn.Module | None = None) -> Tensor:
         """Mean NLL in nats, or per-token NLL (fp32, shape of targets) with reduction='none'.
-        Training, evaluation and TTT all call this one function (VARLEN=1 training with cu_seqlens)."""
+        Training, evaluation and both TTTs all call this one function (VARLEN=1 training with
+        cu_seqlens, phased TTT with `lora`)."""
         if self.h.fused_ce:  # soft-cap and CE in one kernel: no capped or fp32 logits are written
-            logits = self.forward_logits(ids, capped=False, cu_seqlens=cu_seqlens)
+            logits = self.forward_logits(ids, capped=False, cu_seqlens=cu_seqlens, lora=lora)
             losses = fused_softcap_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.softcap).view_as(targets)
         else:
-            logits = self.forward_logits(ids, cu_seqlens=cu_seqlens).float()
+            logits = self.forward_logits(ids, cu_seqlens=cu_seqlens, lora=lora).float()
             losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         return losses.mean() if reduction == "mean" else losses
 
@@ -2636,7 +2685,9 @@ def load_quantized_model(h: Hyperparameters, rt: Runtime, path: str) -> GPT:
 #   All scoring goes through score_windows(): a window is (start, first scored target, end),
 #   each target is scored once with the context the window gives it. Plain evaluation is
 #   windows of EVAL_SEQ_LEN every EVAL_SEQ_LEN tokens; sliding evaluation advances by
-#   EVAL_STRIDE; score-first TTT scores a chunk's windows, then trains on that chunk.
+#   EVAL_STRIDE; score-first TTT scores a chunk's windows, then trains on that chunk. Phased TTT
+#   (PHASED_TTT_ENABLED, below) scores documents chunk by chunk, each with adapters of its own
+#   that then train on the chunk: its rows are documents' windows, summed as score_windows sums.
 # -----------------------------------------------------------------------------
 
 
@@ -2798,17 +2849,336 @@ def evaluate_ttt(h, rt, model, val_tokens, luts, log=None) -> EvalResult:
     return EvalResult(loss, bpb, 1000 * (time.perf_counter() - t0))
 
 
+# Phased score-first TTT (PHASED_TTT_ENABLED). A document is a BOS through the next BOS (which it
+# shares with the next document), so every target lies in exactly one. Documents are scored in
+# batches of PHASED_TTT_BATCH_DOCS of similar length, longest batch first, each document in chunks
+# of PHASED_CHUNK targets with the last <= EVAL_SEQ_LEN tokens of the document as the context,
+# by the model plus adapters of its own; once a chunk is scored, the adapters take one AdamW step
+# on its mean loss. A batch starts with the adapters' B at zero and a fresh optimizer, and A as the
+# previous batch of its chain left it. At NUM_PHASES points within the first PREFIX_DOCS documents
+# the whole model takes SGD steps on documents already scored; then fresh adapters follow.
+# Each row of a batch is one document's window and padding follows it, so with causal attention
+# no position ever sees another document.
+
+# The record's fixed values: settings of their own would cost the packed file about 10 bytes each.
+PHASED_CHUNK = 48  # targets of a document scored, then trained on, per step
+PHASED_LORA_ALPHA = 144.0  # adapter outputs are scaled by ALPHA / PHASED_TTT_LORA_RANK
+PHASED_LORA_LR = 1e-4  # AdamW learning rate of the adapters
+PHASED_ADAM_BETA1 = 0.0  # AdamW beta1 of the adapters: no momentum
+PHASED_ADAM_EPS = 1e-10
+PHASED_SGD_LR = 1e-3  # global SGD learning rate, cosine over a phase's TTT_CHUNK_TOKENS chunks
+# Batch q of the queue continues chain q % CHAINS: it starts from the A that chain's previous
+# batch left (the record ran one chain on each of its 8 GPUs). A fixed count, not the number of
+# ranks, so the result does not depend on how many processes share the work.
+PHASED_LORA_CHAINS = 8
+BOS_ID = 1  # the id prepare_data.py writes before every document
+
+
+class BatchedLoRA(nn.Module):
+    """One low-rank adapter per row of a batch: row b maps x to scale * (x A_b^T) B_b^T. B starts at
+    zero, so a fresh adapter changes nothing; A is drawn by the caller (fresh_lora_a)."""
+
+    def __init__(self, rows: int, n_in: int, n_out: int, rank: int, scale: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(rows, rank, n_in))
+        self.B = nn.Parameter(torch.zeros(rows, n_out, rank))
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:  # (rows, T, n_in) -> (rows, T, n_out)
+        return (x @ self.A.transpose(1, 2)) @ self.B.transpose(1, 2) * self.scale
+
+
+class SlotLoRA(nn.Module):
+    """The adapters of one slot of the virtual layer order: beside c_q, c_k and c_v, beside all of
+    attention (o) - each from the attention's normed input - and beside the MLP, from its input."""
+
+    def __init__(self, h: Hyperparameters, rows: int, rank: int, scale: float):
+        super().__init__()
+        d, kv = h.model_dim, h.num_kv_heads * h.head_dim
+        self.q, self.o, self.mlp = (BatchedLoRA(rows, d, d, rank, scale) for _ in range(3))
+        self.k, self.v = (BatchedLoRA(rows, d, kv, rank, scale) for _ in range(2))
+
+
+class DocumentLoRA(nn.Module):
+    """Phased TTT's adapters for a batch of `rows` documents: a SlotLoRA for every block call of the
+    model's current layer order (a layer that runs three times has three) and one beside the head."""
+
+    def __init__(self, h: Hyperparameters, model: GPT, rows: int):
+        super().__init__()
+        looped = model.looping_active
+        n_slots = len(model.encoder_indices) + len(model.decoder_indices) if looped else h.num_layers
+        rank, scale = h.phased_ttt_lora_rank, PHASED_LORA_ALPHA / h.phased_ttt_lora_rank
+        self.slots = nn.ModuleList(SlotLoRA(h, rows, rank, scale) for _ in range(n_slots))
+        self.head = BatchedLoRA(rows, h.model_dim, h.vocab_size, rank, scale)
+
+    def adapters(self) -> list[BatchedLoRA]:
+        return [m for m in self.modules() if isinstance(m, BatchedLoRA)]
+
+    def start_batch(self, a_state: list[Tensor]) -> None:
+        """A from `a_state`, B zero: the adapters change nothing until the batch's first step."""
+        with torch.no_grad():
+            for m, a in zip(self.adapters(), a_state, strict=True):
+                m.A.copy_(a)
+                m.B.zero_()
+
+
+def fresh_lora_a(lora: DocumentLoRA, seed: int) -> list[Tensor]:
+    """A for every adapter, uniform in +-1/sqrt(fan-in) (nn.Linear's bound), from its own seeded
+    generator on the adapters' device: any process draws the same values for the same seed."""
+    g = torch.Generator(device=lora.head.A.device).manual_seed(seed)
+    return [torch.empty_like(m.A).uniform_(-m.A.size(-1) ** -0.5, m.A.size(-1) ** -0.5, generator=g)
+            for m in lora.adapters()]
+
+
+def find_documents(tokens: Tensor) -> list[tuple[int, int]]:
+    """(start, length) of each document: from a BOS through the next BOS inclusive, the last one to
+    the end. A stream that does not open with a BOS opens with a document anyway, so the documents'
+    targets are the stream's targets, each exactly once."""
+    n = tokens.numel()
+    starts = (tokens[:-1] == BOS_ID).nonzero().flatten().tolist()  # a final BOS starts nothing
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    ends = starts[1:] + [n - 1]
+    return [(s, e - s + 1) for s, e in zip(starts, ends)]
+
+
+def phased_ttt_queue(docs: list[tuple[int, int]], batch_docs: int) -> list[tuple[int, list[int]]]:
+    """The batches in scoring order, each (index, document indices): the documents sorted by length
+    (stably) and cut into batches of `batch_docs`, the shortest first (their index: the order a
+    phase takes documents in); then scored longest batch first, ties in index order."""
+    by_length = sorted(range(len(docs)), key=lambda d: docs[d][1])
+    cut = [by_length[i: i + batch_docs] for i in range(0, len(by_length), batch_docs)]
+    return [(b, cut[b]) for b in sorted(range(len(cut)), key=lambda b: -docs[cut[b][-1]][1])]
+
+
+class ChunkRows(NamedTuple):
+    """One step of a batch: row b holds document b's window for chunk c (zeros for a document with
+    no chunk c). `pos` is each target's index in the stream (-1: padding)."""
+    x: Tensor
+    y: Tensor
+    score: Tensor  # bool (rows, width): the chunk's targets, scored at this step
+    train: Tensor  # bool (rows,): the document has targets left, so its adapters train on this chunk
+    offset: int  # where a training row's chunk starts in its window (the same for every such row)
+    pos: Tensor
+
+
+def phased_chunk_rows(h: Hyperparameters, tokens: Tensor, docs: list[tuple[int, int]], c: int) -> ChunkRows:
+    """Chunk c of every document of a batch: targets c*CHUNK .. of the document (its last chunk may
+    be shorter), the window the last <= EVAL_SEQ_LEN tokens up to the chunk's end."""
+    chunk, window = PHASED_CHUNK, h.eval_seq_len
+    width = min((c + 1) * chunk, window)
+    x = torch.zeros(len(docs), width, dtype=torch.int64)
+    y, pos = torch.zeros_like(x), torch.full_like(x, -1)
+    score, train = torch.zeros_like(x, dtype=torch.bool), torch.zeros(len(docs), dtype=torch.bool)
+    for b, (start, length) in enumerate(docs):
+        n_targets = length - 1
+        if c * chunk >= n_targets:
+            continue
+        end = min((c + 1) * chunk, n_targets)  # in targets of the document: target t predicts token t + 1
+        lo = max(0, end - window)
+        x[b, : end - lo] = tokens[start + lo: start + end]
+        y[b, : end - lo] = tokens[start + lo + 1: start + end + 1]
+        pos[b, : end - lo] = torch.arange(start + lo + 1, start + end + 1)
+        score[b, c * chunk - lo: end - lo] = True
+        train[b] = end < n_targets
+    return ChunkRows(x, y, score, train, c * chunk - max(0, (c + 1) * chunk - window), pos)
+
+
+def phased_sums(nll: Tensor, rows: ChunkRows, luts) -> Tensor:
+    """(loss, tokens, bytes) over the rows' scored targets, as score_windows sums them."""
+    nll, mask = nll.detach(), rows.score
+    return torch.stack((torch.where(mask, nll.double(), 0.0).sum(), mask.sum().double(),
+                        torch.where(mask, token_bytes(rows.x, rows.y, luts), 0).sum().double()))
+
+
+@torch.no_grad()
+def _phased_score(nll_of, rows: ChunkRows, luts) -> Tensor:
+    """Score a step's chunks under no_grad, before the adapters train on them."""
+    return phased_sums(nll_of(rows), rows, luts)
+
+
+def _phased_lora_step(opt, rows: ChunkRows, nll: Tensor) -> None:
+    """One AdamW step of the adapters on each training row's mean loss over its (scored) chunk; the
+    rows are independent, each with its own adapters, so each gets its own document's gradient."""
+    per_doc = nll[:, rows.offset: rows.offset + PHASED_CHUNK].mean(-1)
+    opt.zero_grad(set_to_none=True)
+    (per_doc * rows.train).sum().backward()
+    opt.step()
+
+
+def _phased_ttt_batch(h, rt, forward, lora: DocumentLoRA, tokens: Tensor, docs, luts) -> Tensor:
+    """Score one batch of documents, chunk after chunk, each chunk before the step that trains on
+    it; the adapters' optimizer is new for the batch. Returns the batch's (loss, tokens, bytes)."""
+    opt = torch.optim.AdamW(lora.parameters(), lr=PHASED_LORA_LR, betas=(PHASED_ADAM_BETA1, h.phased_ttt_beta2),
+                            eps=PHASED_ADAM_EPS, weight_decay=h.phased_ttt_wd, fused=rt.is_cuda)
+
+    def nll_of(rows: ChunkRows) -> Tensor:
+        with rt.autocast():
+            return forward(rows.x, rows.y, reduction="none", lora=lora)
+
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for c in range(max(-(-(length - 1) // PHASED_CHUNK) for _, length in docs)):
+        host = phased_chunk_rows(h, tokens, docs, c)
+        trains = bool(host.train.any())  # decided on the host: no wait for the device
+        rows = host._replace(**{k: rt.to_device(getattr(host, k)) for k in ("x", "y", "score", "train")})
+        if trains and h.phased_ttt_shared_forward:
+            # The record's way: the training forward's losses are the scores (the same weights, so
+            # the same numbers), taken before its step; one forward less per chunk.
+            nll = nll_of(rows)
+            sums += phased_sums(nll, rows, luts)
+            _phased_lora_step(opt, rows, nll)
+            continue
+        sums += _phased_score(nll_of, rows, luts)
+        if trains:
+            _phased_lora_step(opt, rows, nll_of(rows))
+    return sums
+
+
+def phased_phase_documents(scored: list[tuple[int, list[int]]], docs, n: int) -> list[tuple[int, int]]:
+    """The n documents a global SGD phase trains on: of the batches scored so far, ordered by batch
+    index (shortest documents first) and position in the batch, the first n."""
+    return [docs[d] for _, members in sorted(scored) for d in members][:n]
+
+
+class SgdRows(NamedTuple):
+    """One global SGD step's rows on this rank: document pieces, each padded to the longest."""
+    x: Tensor
+    y: Tensor
+    mask: Tensor  # bool: a target of the piece's own document (not the next document's first token)
+    count: int  # such targets of the whole step, over every rank: the loss is their mean
+    pos: Tensor  # each target's index in the validation stream (-1: padding or not trained)
+
+
+def phased_sgd_rows(h: Hyperparameters, rt: Runtime, stream: Tensor, origin: Tensor, lo: int, hi: int) -> SgdRows:
+    """The step over the concatenated documents' stream[lo:hi+1], cut at every BOS (and document
+    start) and every EVAL_SEQ_LEN tokens from a piece's start: the record's varlen segments, cut
+    over the whole step rather than each rank's part, so that the cut does not depend on the ranks.
+    A piece is one row; this rank takes its share. origin[k] is stream[k]'s index in the validation
+    stream, -1 where a document starts: that token is no target of the document before it."""
+    x_all, L = stream[lo:hi], h.eval_seq_len
+    trained = origin[lo + 1: hi + 1] >= 0
+    starts = ((x_all == BOS_ID) | (origin[lo:hi] < 0)).nonzero().flatten().tolist()
+    starts = starts if starts[:1] == [0] else [0] + starts
+    pieces = []
+    for a, b in zip(starts, starts[1:] + [hi - lo]):
+        pieces += [(p, min(p + L, b)) for p in range(a, b, L)]
+    pieces = [(a, b) for a, b in pieces if trained[a:b].any()]  # a document's last BOS predicting the next's start
+    count = int(sum(int(trained[a:b].sum()) for a, b in pieces))
+    mine = [pieces[i] for i in rank_share(len(pieces), rt.rank, rt.world_size)]
+    width = max([b - a for a, b in mine], default=1)
+    x = torch.zeros(len(mine), width, dtype=torch.int64)
+    y, pos, mask = torch.zeros_like(x), torch.full_like(x, -1), torch.zeros_like(x, dtype=torch.bool)
+    for r, (a, b) in enumerate(mine):
+        x[r, : b - a], y[r, : b - a] = x_all[a:b], stream[lo + a + 1: lo + b + 1]
+        mask[r, : b - a] = trained[a:b]
+        pos[r, : b - a] = torch.where(trained[a:b], origin[lo + a + 1: lo + b + 1], -1)
+    return SgdRows(x, y, mask, count, pos)
+
+
+def _phased_sgd_step(h, rt, forward, opt, params: list[Tensor], rows: SgdRows) -> None:
+    """One SGD step of every weight on the mean loss of the step's targets over all ranks: each
+    rank's share of the sum, scaled so that the gradient average over ranks is that mean's."""
+    opt.zero_grad(set_to_none=False)
+    if rows.x.numel():
+        x, y, mask = rt.to_device(rows.x), rt.to_device(rows.y), rt.to_device(rows.mask)
+        with rt.autocast():
+            nll = forward(x, y, reduction="none")
+        (torch.where(mask, nll, 0.0).sum() * (rt.world_size / rows.count)).backward()
+    if rt.distributed:
+        rt.average_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+    opt.step()
+
+
+def _phased_global_sgd(h, rt, forward, model: GPT, tokens: Tensor, docs) -> int:
+    """A global SGD phase: the documents concatenated, cut into TTT_CHUNK_TOKENS chunks, one SGD step
+    on each chunk but the last (the record's TTT loop, one epoch) at a cosine learning rate over the
+    chunks, momentum TTT_MOMENTUM, every weight; attention never crosses a document. Returns the
+    number of steps."""
+    stream = torch.cat([tokens[s: s + n] for s, n in docs])
+    origin = torch.cat([torch.cat((torch.tensor([-1]), torch.arange(s + 1, s + n))) for s, n in docs])
+    n_chunks = -(-(stream.numel() - 1) // h.ttt_chunk_tokens)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=PHASED_SGD_LR, momentum=h.ttt_momentum)
+    model.train()
+    for c in range(n_chunks - 1):
+        for group in opt.param_groups:
+            group["lr"] = PHASED_SGD_LR * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        lo = c * h.ttt_chunk_tokens
+        _phased_sgd_step(h, rt, forward, opt, params, phased_sgd_rows(h, rt, stream, origin, lo, lo + h.ttt_chunk_tokens))
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return max(n_chunks - 1, 0)
+
+
+def evaluate_ttt_phased(h, rt, model, val_tokens, luts, log=None) -> EvalResult:
+    """Phased score-first TTT (see above). Rank r scores the batches of the chains c with
+    c % WORLD_SIZE == r; every rank walks the whole queue, so all reach each phase at the same
+    batch, and a phase trains on documents every rank knows to be scored: those of the batches
+    before it, which the gradient all-reduce of its first step waits for."""
+    t0 = last_log = time.perf_counter()
+    model = getattr(model, "_orig_mod", model)  # the bare GPT: shapes vary here, so the stage compiles
+    forward = torch.compile(model, dynamic=True, fullgraph=True) if rt.compile else model  # its own, dynamic
+    docs = find_documents(val_tokens)
+    queue = phased_ttt_queue(docs, h.phased_ttt_batch_docs)
+    prefix = min(h.phased_ttt_prefix_docs, len(docs))
+    boundaries = [prefix * (p + 1) // h.phased_ttt_num_phases for p in range(h.phased_ttt_num_phases)] if prefix else []
+    for p in model.parameters():
+        p.requires_grad_(False)  # only the adapters train between the phases
+    model.eval()
+    full = DocumentLoRA(h, model, h.phased_ttt_batch_docs).to(rt.device)
+    chains: dict[int, list[Tensor]] = {}
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    phase = done = 0
+    for q, (_, members) in enumerate(queue):
+        chain = q % PHASED_LORA_CHAINS
+        if chain % rt.world_size == rt.rank:
+            seed = (h.seed * 1_000 + phase) * 1_000_000 + chain
+            if len(members) == h.phased_ttt_batch_docs:
+                lora = full
+                lora.start_batch(chains.get(chain) or fresh_lora_a(lora, seed))
+            else:  # the one short batch: adapters of its own size, fresh, outside every chain
+                lora = DocumentLoRA(h, model, len(members)).to(rt.device)
+                lora.start_batch(fresh_lora_a(lora, seed + PHASED_LORA_CHAINS + q))
+            sums += _phased_ttt_batch(h, rt, forward, lora, val_tokens, [docs[d] for d in members], luts)
+            if lora is full:
+                chains[chain] = [m.A.detach().clone() for m in lora.adapters()]
+        done += len(members)
+        if phase < len(boundaries) and done >= boundaries[phase] and q + 1 < len(queue):
+            steps = _phased_global_sgd(h, rt, forward, model, val_tokens,
+                                       phased_phase_documents(queue[: q + 1], docs, boundaries[phase]))
+            if log is not None:
+                log(f"phased_ttt_phase:{phase + 1}/{len(boundaries)} after_batch:{q + 1} docs:{boundaries[phase]} "
+                    f"sgd_steps:{steps} elapsed:{time.perf_counter() - t0:.0f}s")
+            chains.clear()  # fresh adapters after a phase
+            phase += 1
+        now = time.perf_counter()
+        if log is not None and (now - last_log > 30 or q == len(queue) - 1):
+            last_log = now
+            log(f"phased_ttt_progress batches:{q + 1}/{len(queue)} docs:{done}/{len(docs)} phases:{phase}/"
+                f"{len(boundaries)} elapsed:{now - t0:.0f}s")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loss, bpb = summarize(sums, rt)
+    return EvalResult(loss, bpb, 1000 * (time.perf_counter() - t0))
+
+
 def maybe_compile(model: GPT, rt: Runtime):
     return torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
 
 
 def run_evaluations(h, rt, val_tokens, luts, log) -> None:
-    """Quantized -> sliding -> TTT, each on a model freshly loaded from the artifact."""
+    """Quantized -> sliding -> TTT -> phased TTT, each on a model freshly loaded from the artifact."""
     stages = [("quantized", evaluate_plain)]
     if h.sliding_window_enabled:
         stages.append(("quantized_sliding_window", evaluate_sliding))
     if h.ttt_enabled:
         stages.append(("quantized_ttt", evaluate_ttt))
+    if h.phased_ttt_enabled:
+        stages.append(("quantized_ttt_phased", evaluate_ttt_phased))
     for label, fn in stages:
         model = load_quantized_model(h, rt, h.quantized_model_path)
         loss, bpb, ms = fn(h, rt, maybe_compile(model, rt), val_tokens, luts, log)

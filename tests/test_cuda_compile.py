@@ -285,3 +285,29 @@ def test_varlen_fa3_branch_compiles_without_breaks(graphs, monkeypatch):
     assert graph_breaks() == {} and len(graphs) == 1
     assert calls and set(calls) == {((128, 4, 16), (64,), 32, True)}  # traced once per layer
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_phased_ttt_compiles_without_breaks_within_the_recompile_limit(graphs, monkeypatch):
+    """Phased TTT (PHASED_TTT_ENABLED) compiles its own forward with dynamic shapes, since its
+    windows grow chunk by chunk and its SGD steps' pieces vary: scoring (no_grad, adapters),
+    adapter steps (gradients, adapters) and global SGD steps (training mode, no adapters), the short
+    batch's adapters of their own size once more; no graph break, all within Dynamo's recompile
+    limit, and the compiled stage scores what the eager one does."""
+    monkeypatch.setattr(tg, "PHASED_CHUNK", 8)
+    h = tg.Hyperparameters(**dict(TINY, phased_ttt_enabled=True, phased_ttt_batch_docs=2, phased_ttt_prefix_docs=3,
+                                  phased_ttt_num_phases=2, phased_ttt_lora_rank=4, ttt_chunk_tokens=64))
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.cat([torch.cat((torch.tensor([1]), torch.randint(4, V, (n - 1,), generator=g)))
+                        for n in (40, 12, 70, 25, 33)])
+    luts = (torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    results = []
+    for compile_ in (True, False):
+        rt = tg.Runtime(h, environ={})
+        rt.compile, rt.autocast = compile_, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        model = tg.build_model(h, torch.device("cpu"), is_cuda=True)
+        model.looping_active = True
+        results.append(tg.evaluate_ttt_phased(h, rt, tg.maybe_compile(model, rt), tokens, luts)[:2])
+    assert graph_breaks() == {}
+    assert 3 <= len(graphs) <= torch._dynamo.config.recompile_limit, graphs
+    assert results[0] == pytest.approx(results[1], rel=1e-3)

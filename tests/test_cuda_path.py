@@ -453,3 +453,42 @@ def test_ttt_averages_gradients_in_one_all_reduce_per_step_and_dtype():
     cpu_runtime(h, distributed=True, world_size=2, all_reduce=all_reduce).average_gradients(list(model.parameters()))
     for n, p in model.named_parameters():
         assert p.grad.dtype == before[n].dtype and torch.equal(p.grad, before[n]), n
+
+
+def test_phased_ttt_adapters_keep_the_records_dtypes():
+    """Phased TTT's adapted forward (PHASED_TTT_ENABLED), on the model as built for CUDA under
+    emulated CUDA autocast with the FA3 stand-in: an adapter's output added to c_q, c_k or c_v is
+    bf16 as theirs is, so FA3 gets one dtype; every module still hands back bf16, the per-token NLL
+    is fp32, and the adapters keep fp32 parameters and gradients."""
+    h = make_h(phased_ttt_enabled=True, phased_ttt_lora_rank=4, train_seq_len=64, eval_seq_len=64, ttt_chunk_tokens=128)
+    torch.manual_seed(0)
+    model = tg.build_model(h, torch.device("cpu"), is_cuda=True)
+    model.looping_active = True
+    lora = tg.DocumentLoRA(h, model, 2)
+    lora.start_batch(tg.fresh_lora_a(lora, 0))
+    with torch.no_grad():
+        for m in lora.adapters():
+            m.B.normal_(0, 0.1)
+    outputs: dict[str, set] = {}
+    for name, module in model.named_modules():
+        if name:
+            module.register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, set()).add(out.dtype))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (2, 48), generator=g), torch.randint(0, V, (2, 48), generator=g)
+    fa3, old = FA3StandIn(h), tg.FLASH_ATTN_FUNC
+    tg.FLASH_ATTN_FUNC = fa3
+    try:
+        with bench.CudaAutocastEmulation() as emulation:
+            model.eval()
+            with torch.no_grad():
+                scored = model(x, y, reduction="none", lora=lora)
+            model(x, y, reduction="none", lora=lora).mean().backward()
+    finally:
+        tg.FLASH_ATTN_FUNC = old
+    assert emulation.unprobed <= UNPROBED_OK, emulation.unprobed
+    assert fa3.dtypes and set(fa3.dtypes) == {(torch.bfloat16,) * 3}
+    wrong = {name: dtypes for name, dtypes in outputs.items() if dtypes != {torch.bfloat16}}
+    assert not wrong, f"modules whose output is not bf16: {wrong}"
+    assert scored.dtype == torch.float32
+    for p in lora.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32

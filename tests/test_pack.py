@@ -532,7 +532,8 @@ def test_default_pack_leaves_out_every_off_switch(default_pack):
                     "attn_clip_sigmas": None, "mlp_clip_sigmas": None, "lqer_top_k": 0, "lqer_form": "packed",
                     "small_fp16": False, "muon_ns_coeffs": "record", "compressor": "brotli", "smear_pre_norm": False,
                     "sparse_gate_scale": 0.0, "parallel_lanes_start": 0, "muon_bf16_momentum": False,
-                    "grad_clip_per_rank": False}
+                    "grad_clip_per_rank": False,
+                    "phased_ttt_enabled": False, "phased_ttt_shared_forward": False}
     assert len(default_pack.read_bytes()) < 18_097  # the record's own packed file
 
 
@@ -641,7 +642,8 @@ def test_lines_of_gives_every_line_of_a_kind_in_order(tmp_path):
     assert [m.group(1, 3, 4) for m in logformat.lines_of(text, "val")] == [("0", "9.0109", "3.4737"),
                                                                           ("4000", "2.9000", "1.1200")]
     assert [m.group(1, 2, 3) for m in logformat.lines_of(text, "train_loss")] == [("500", "20000", "3.1234")]
-    assert [m.group(1) for m in logformat.lines_of(text, "stage")] == list(logformat.STAGES)
+    assert [m.group(1) for m in logformat.lines_of(text, "stage")] == [s for s in logformat.STAGES
+                                                                       if s != "quantized_ttt_phased"]
     assert logformat.lines_of(text, "weights_checksum") == []
 
 
