@@ -470,9 +470,9 @@ def test_condition_scoring_forward_is_the_models_under_no_grad(fast, monkeypatch
         seen = calls[shared] = []
         original = tg.GPT.forward
 
-        def forward(self, ids, targets, reduction="mean", lora=None, seen=seen):
+        def forward(self, ids, targets, reduction="mean", cu_seqlens=None, lora=None, seen=seen):
             seen.append((torch.is_grad_enabled(), lora is not None, self.training, reduction))
-            return original(self, ids, targets, reduction, lora)
+            return original(self, ids, targets, reduction, cu_seqlens, lora)
 
         monkeypatch.setattr(tg.GPT, "forward", forward)
         tg.evaluate_ttt_phased(h, runtime(h), build_model(h), doc_stream(LENGTHS, seed=4), fake_luts())
