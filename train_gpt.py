@@ -2984,17 +2984,22 @@ def phased_chunk_rows(h: Hyperparameters, tokens: Tensor, docs: list[tuple[int, 
     return ChunkRows(x, y, score, train, c * chunk - max(0, (c + 1) * chunk - window), pos)
 
 
-def phased_sums(nll: Tensor, rows: ChunkRows, luts) -> Tensor:
-    """(loss, tokens, bytes) over the rows' scored targets, as score_windows sums them."""
+def phased_sums(nll: Tensor, rows: ChunkRows, luts, sidecar: bool = False) -> Tensor:
+    """(loss, tokens, bytes) over the rows' scored targets, as score_windows sums them. With
+    `sidecar` (VAL_BYTE_SIDECAR=1) `luts` is the sidecar's counts, read at each target's position."""
     nll, mask = nll.detach(), rows.score
+    if sidecar:
+        nbytes = torch.where(rows.pos >= 0, luts[rows.pos.clamp_min(0)], 0).to(torch.int32).to(nll.device)
+    else:
+        nbytes = token_bytes(rows.x, rows.y, luts)
     return torch.stack((torch.where(mask, nll.double(), 0.0).sum(), mask.sum().double(),
-                        torch.where(mask, token_bytes(rows.x, rows.y, luts), 0).sum().double()))
+                        torch.where(mask, nbytes, 0).sum().double()))
 
 
 @torch.no_grad()
-def _phased_score(nll_of, rows: ChunkRows, luts) -> Tensor:
+def _phased_score(nll_of, rows: ChunkRows, luts, sidecar: bool) -> Tensor:
     """Score a step's chunks under no_grad, before the adapters train on them."""
-    return phased_sums(nll_of(rows), rows, luts)
+    return phased_sums(nll_of(rows), rows, luts, sidecar)
 
 
 def _phased_lora_step(opt, rows: ChunkRows, nll: Tensor) -> None:
@@ -3025,10 +3030,10 @@ def _phased_ttt_batch(h, rt, forward, lora: DocumentLoRA, tokens: Tensor, docs, 
             # The record's way: the training forward's losses are the scores (the same weights, so
             # the same numbers), taken before its step; one forward less per chunk.
             nll = nll_of(rows)
-            sums += phased_sums(nll, rows, luts)
+            sums += phased_sums(nll, rows, luts, h.val_byte_sidecar)
             _phased_lora_step(opt, rows, nll)
             continue
-        sums += _phased_score(nll_of, rows, luts)
+        sums += _phased_score(nll_of, rows, luts, h.val_byte_sidecar)
         if trains:
             _phased_lora_step(opt, rows, nll_of(rows))
     return sums

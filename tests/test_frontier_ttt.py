@@ -97,11 +97,11 @@ def record_events(monkeypatch) -> list[dict]:
     events = []
     sums, lora_step, sgd_step = tg.phased_sums, tg._phased_lora_step, tg._phased_sgd_step
 
-    def phased_sums(nll, rows, luts):
+    def phased_sums(nll, rows, luts, *sidecar):
         pos = rows.pos[rows.score.cpu()]
         events.append(dict(kind="score", targets=pos.tolist(), nll=nll.detach()[rows.score].tolist(),
                            grad=torch.is_grad_enabled(), requires_grad=nll.requires_grad))
-        return sums(nll, rows, luts)
+        return sums(nll, rows, luts, *sidecar)
 
     def phased_lora_step(opt, rows, nll):
         train = rows.train.cpu()
@@ -675,6 +675,25 @@ def test_without_phases_or_training_it_is_windowed_scoring(monkeypatch):
             full = model(tokens[start: start + n][None], tokens[start + 1: start + n + 1][None], reduction="none")[0]
             for j in range(n):
                 assert abs(ours[start + 1 + j] - full[j].item()) < 1e-5
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_sidecar_bytes_are_read_at_each_scored_target(fast, shared):
+    """VAL_BYTE_SIDECAR=1 (CaseOps data): the bytes of a phased score are the sidecar's count at
+    each target's stream position, every target once: the two results' bpb ratio is the sidecar's
+    byte total over the tables' (loss and scores do not depend on the byte counts)."""
+    tokens = doc_stream(LENGTHS[:6], seed=5)
+    counts = torch.randint(0, 6, (tokens.numel(),), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+    counts[tokens == BOS] = 0
+    results = {}
+    for sidecar in (False, True):
+        h = make_h(val_byte_sidecar=sidecar, phased_ttt_shared_forward=shared)
+        luts = counts if sidecar else fake_luts()
+        results[sidecar] = tg.evaluate_ttt_phased(h, runtime(h), build_model(h), tokens, luts)
+    assert results[True].val_loss == pytest.approx(results[False].val_loss, rel=1e-6)
+    table_bytes = int(tg.token_bytes(tokens[:-1], tokens[1:], fake_luts()).sum())
+    ratio = results[False].val_bpb / results[True].val_bpb
+    assert ratio == pytest.approx(int(counts[1:].sum()) / table_bytes, rel=1e-6)
 
 
 # -----------------------------------------------------------------------------------------
