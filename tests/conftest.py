@@ -138,6 +138,19 @@ def tiny_hparams(**overrides):
     return train_gpt.Hyperparameters.from_env(TINY_MODEL, **overrides)
 
 
+def preset_code_settings(path: Path) -> dict[str, str]:
+    """The settings of a preset file that pick code (switches and choices, as `pack.py --preset`
+    specialises them), as environment strings: what tests run a preset's code paths with at
+    their own sizes."""
+    import dataclasses
+
+    import train_gpt
+    from specialise import read_preset
+
+    meta = {f.name.upper(): f.metadata for f in dataclasses.fields(train_gpt.Hyperparameters)}
+    return {k: v for k, v in read_preset(path).items() if "switch" in meta[k] or "choices" in meta[k]}
+
+
 def tiny_run_env(tiny_data: dict, out: Path, **changes: str) -> dict:
     """Environment of a CPU run of a few seconds: train, quantize, all three evaluations; the
     artifact goes to `out`. `changes` are further variables."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import bench
 import train_gpt as tg
 
-from conftest import TINY_VOCAB as V, need_triton, tiny_hparams
+from conftest import ROOT, TINY_VOCAB as V, need_triton, preset_code_settings, tiny_hparams
 
 HEAD_DIM = 64  # the record's head dimension (512 / 8), the one its FA3 calls get
 # conftest's tiny model, widened to the record's head dimension and rotary width (4 heads of 64,
@@ -166,12 +166,18 @@ def test_fa3_stand_in_refuses_what_fa3_refuses():
 UNPROBED_OK = {"TensorBase.__getitem__", "Tensor.backward", "scaled_dot_product_attention"}
 
 
+def frontier_model_switches(**tiny) -> dict:
+    """presets/frontier.env's switches and choices, parsed, at this file's tiny sizes (`tiny`), but
+    phased TTT's (an evaluation stage, whose adapted forward has its own test below): the frontier
+    case follows the preset as it changes."""
+    settings = tg.env_settings(preset_code_settings(ROOT / "presets" / "frontier.env"))
+    return {**{k: v for k, v in settings.items() if not k.startswith("phased_ttt")}, **tiny}
+
+
 KERNEL_SWITCHES = {"math": {}, "kernels": dict(fused_ce=True, fused_mlp=True), "varlen": dict(varlen=True),
-                   # the frontier model's and optimizer's switches (tests/test_frontier_model.py), lanes from block 3,
-                   # on packed rows as the frontier preset trains
-                   "frontier": dict(gate_attn_out=False, sparse_gate_scale=0.5, smear_pre_norm=True, smear_mask_bos=True,
-                                    parallel_lanes_start=3, muon_ns_coeffs="polar", muon_bf16_momentum=True,
-                                    grad_clip_per_rank=True, varlen=True)}
+                   # every switch of the frontier preset, the Triton kernels and VARLEN's packed rows
+                   # included; its two-lane decoder from block 3 of the tiny model's 4
+                   "frontier": frontier_model_switches(parallel_lanes_start=3)}
 
 
 def varlen_batch(h, g):
@@ -186,10 +192,11 @@ def varlen_batch(h, g):
 def cuda_dtype_run(request):
     """Training micro-batch forward + backward and evaluation forward, looping off and on, of the
     model as built for CUDA, under emulated CUDA autocast; with the FA3 stand-in and with SDPA;
-    with the record's math, with the Triton kernels (FUSED_CE, FUSED_MLP) switched on, and with
-    the frontier switches on (sparse gate, SmearGate before the norm, the two-lane decoder), and
+    with the record's math, with the Triton kernels (FUSED_CE, FUSED_MLP) switched on, with the
+    frontier preset's switches (sparse gate, SmearGate before the norm, the two-lane decoder, the
+    kernels, Polar Express and the rest, on packed rows), and
     with VARLEN=1 (a packed row and its cu_seqlens, through both FA3 functions' stand-ins)."""
-    if request.param == "kernels":
+    if KERNEL_SWITCHES[request.param].get("fused_ce"):
         need_triton()
     results = {}
     for attention in ("fa3", "sdpa"):
@@ -224,7 +231,7 @@ def cuda_dtype_run(request):
         finally:
             tg.FLASH_ATTN_FUNC, tg.FLASH_ATTN_VARLEN_FUNC = old
         results[attention] = dict(model=model, fa3=fa3, outputs=outputs, losses=losses, nlls=nlls,
-                                  emulation=emulation, kernels=request.param == "kernels", varlen=h.varlen)
+                                  emulation=emulation, kernels=h.fused_ce, varlen=h.varlen)
     return results
 
 
@@ -455,12 +462,18 @@ def test_ttt_averages_gradients_in_one_all_reduce_per_step_and_dtype():
         assert p.grad.dtype == before[n].dtype and torch.equal(p.grad, before[n]), n
 
 
-def test_phased_ttt_adapters_keep_the_records_dtypes():
+@pytest.mark.parametrize("model", ["record", "frontier"])
+def test_phased_ttt_adapters_keep_the_records_dtypes(model):
     """Phased TTT's adapted forward (PHASED_TTT_ENABLED), on the model as built for CUDA under
     emulated CUDA autocast with the FA3 stand-in: an adapter's output added to c_q, c_k or c_v is
     bf16 as theirs is, so FA3 gets one dtype; every module still hands back bf16, the per-token NLL
-    is fp32, and the adapters keep fp32 parameters and gradients."""
-    h = make_h(phased_ttt_enabled=True, phased_ttt_lora_rank=4, train_seq_len=64, eval_seq_len=64, ttt_chunk_tokens=128)
+    is fp32, and the adapters keep fp32 parameters and gradients. On the record's model and on the
+    frontier preset's (its adapters in the two-lane block too)."""
+    switches = frontier_model_switches(parallel_lanes_start=3) if model == "frontier" else {}
+    if switches.get("fused_ce"):
+        need_triton()
+    h = make_h(**switches, phased_ttt_enabled=True, phased_ttt_lora_rank=4, train_seq_len=64, eval_seq_len=64,
+               ttt_chunk_tokens=128)
     torch.manual_seed(0)
     model = tg.build_model(h, torch.device("cpu"), is_cuda=True)
     model.looping_active = True
