@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import bench
 import train_gpt as tg
-from conftest import need_triton
+from conftest import ROOT, need_triton, preset_code_settings
 
 V = 384
 # Two layers (looped order 0, 0, 0, 1) keep tracing short; every block feature is there.
@@ -75,10 +75,15 @@ class RandomLoader:
         return t[:, :-1], t[:, 1:]
 
 
-# The frontier model's and optimizer's switches (tests/test_frontier_model.py): the two-lane
-# decoder is block 1 (looped decoder [0, 1], unlooped [1]); Muon in bf16, each rank's own clip.
-FRONTIER = dict(gate_attn_out=False, sparse_gate_scale=0.5, smear_pre_norm=True, smear_mask_bos=True,
-                parallel_lanes_start=1, muon_ns_coeffs="polar", muon_bf16_momentum=True, grad_clip_per_rank=True)
+# presets/frontier.env's switches and choices but VARLEN's packed rows (compiled in
+# test_varlen_compiles_a_graph_per_cu_seqlens_length_before_the_clock, with these too), phased TTT
+# (test_phased_ttt_compiles_without_breaks_within_the_recompile_limit, these too) and the
+# compressor and the byte sidecar (no part of any graph; pergroup needs lrzip at construction, and
+# the evaluations here count bytes from tables): the two-lane decoder is
+# block 1 (looped decoder [0, 1], unlooped [1]); the Triton kernels, Muon in bf16, each rank's clip.
+FRONTIER = {k: v for k, v in tg.env_settings(preset_code_settings(ROOT / "presets" / "frontier.env")).items()
+            if k not in ("varlen", "compressor", "val_byte_sidecar") and not k.startswith("phased_ttt")
+            } | dict(parallel_lanes_start=1)
 
 
 @pytest.mark.parametrize("kernels", [{}, dict(fused_ce=True, fused_mlp=True), FRONTIER],
@@ -86,7 +91,7 @@ FRONTIER = dict(gate_attn_out=False, sparse_gate_scale=0.5, smear_pre_norm=True,
 def test_whole_run_compiles_a_graph_per_mode_and_ttt_shape_without_breaks(graphs, kernels):
     if kernels.get("fused_ce"):
         need_triton()
-    h = tg.Hyperparameters(**TINY, **kernels)
+    h = tg.Hyperparameters(**{**TINY, **kernels})
     rt = tg.Runtime(h, environ={})  # one CPU process, compiling, with CPU bf16 autocast standing in for CUDA's
     rt.compile, rt.autocast = True, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     luts = (torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
@@ -120,7 +125,7 @@ def test_whole_run_compiles_a_graph_per_mode_and_ttt_shape_without_breaks(graphs
 
     # TTT on 2 x 32 per step, as each rank of the record trains on 2 x 2048: graph 5, training mode,
     # looping on, at that shape; both of its steps per chunk, and the next chunk's, reuse it.
-    small_ttt = tg.Hyperparameters(**dict(TINY, ttt_batch_seqs=2), **kernels)
+    small_ttt = tg.Hyperparameters(**{**TINY, "ttt_batch_seqs": 2, **kernels})
     fresh = tg.build_model(h, torch.device("cpu"), is_cuda=True)
     fresh.looping_active = True
     tg.evaluate_ttt(small_ttt, rt, tg.maybe_compile(fresh, rt), tokens, luts)
@@ -218,15 +223,19 @@ class PackedLoader:
         return t[:, :-1], t[:, 1:], tg.packed_cu_seqlens(list(starts), n, self.h.train_seq_len)
 
 
-def test_varlen_compiles_a_graph_per_cu_seqlens_length_before_the_clock(graphs, monkeypatch):
+@pytest.mark.parametrize("switches", [{}, FRONTIER], ids=["varlen", "frontier"])
+def test_varlen_compiles_a_graph_per_cu_seqlens_length_before_the_clock(graphs, monkeypatch, switches):
     """VARLEN=1: shapes are static (dynamic=False), so each padded cu_seqlens length is a graph of
     its own per looping mode. warm_up() compiles the first VARLEN_WARM_LENGTHS lengths in both modes
     (here 2: 64 and 128 entries, so 4 graphs), and no training step after it compiles again, at
     either length. Evaluation (no cu_seqlens) adds its 2: 6 in all, within the limit the Runtime
-    raised, and no graph breaks. (The record's rows of 98,304 tokens: 4 lengths, 8 training graphs.)"""
+    raised, and no graph breaks. (The record's rows of 98,304 tokens: 4 lengths, 8 training graphs.)
+    Alone and with the rest of the frontier preset's switches."""
+    if switches.get("fused_ce"):
+        need_triton()
     monkeypatch.setattr(tg, "VARLEN_WARM_LENGTHS", 2)
     with torch._dynamo.config.patch(recompile_limit=8):
-        h = tg.Hyperparameters(**dict(TINY, warmup_steps=1), varlen=True)
+        h = tg.Hyperparameters(**{**TINY, "warmup_steps": 1, **switches, "varlen": True})
         rt = tg.Runtime(h, environ={})
         assert torch._dynamo.config.recompile_limit == tg.VARLEN_RECOMPILE_LIMIT == 64
         rt.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
@@ -287,15 +296,20 @@ def test_varlen_fa3_branch_compiles_without_breaks(graphs, monkeypatch):
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_phased_ttt_compiles_without_breaks_within_the_recompile_limit(graphs, monkeypatch):
+@pytest.mark.parametrize("switches", [{}, FRONTIER], ids=["record", "frontier"])
+def test_phased_ttt_compiles_without_breaks_within_the_recompile_limit(graphs, monkeypatch, switches):
     """Phased TTT (PHASED_TTT_ENABLED) compiles its own forward with dynamic shapes, since its
     windows grow chunk by chunk and its SGD steps' pieces vary: scoring (no_grad, adapters),
     adapter steps (gradients, adapters) and global SGD steps (training mode, no adapters), the short
     batch's adapters of their own size once more; no graph break, all within Dynamo's recompile
-    limit, and the compiled stage scores what the eager one does."""
+    limit, and the compiled stage scores what the eager one does. On the record's model and on the
+    frontier preset's."""
+    if switches.get("fused_ce"):
+        need_triton()
     monkeypatch.setattr(tg, "PHASED_CHUNK", 8)
-    h = tg.Hyperparameters(**dict(TINY, phased_ttt_enabled=True, phased_ttt_batch_docs=2, phased_ttt_prefix_docs=3,
-                                  phased_ttt_num_phases=2, phased_ttt_lora_rank=4, ttt_chunk_tokens=64))
+    h = tg.Hyperparameters(**{**TINY, **switches, **dict(phased_ttt_enabled=True, phased_ttt_batch_docs=2,
+                                                         phased_ttt_prefix_docs=3, phased_ttt_num_phases=2,
+                                                         phased_ttt_lora_rank=4, ttt_chunk_tokens=64)})
     g = torch.Generator().manual_seed(3)
     tokens = torch.cat([torch.cat((torch.tensor([1]), torch.randint(4, V, (n - 1,), generator=g)))
                         for n in (40, 12, 70, 25, 33)])

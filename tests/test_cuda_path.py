@@ -168,10 +168,11 @@ UNPROBED_OK = {"TensorBase.__getitem__", "Tensor.backward", "scaled_dot_product_
 
 def frontier_model_switches(**tiny) -> dict:
     """presets/frontier.env's switches and choices, parsed, at this file's tiny sizes (`tiny`), but
-    phased TTT's (an evaluation stage, whose adapted forward has its own test below): the frontier
-    case follows the preset as it changes."""
+    phased TTT's (an evaluation stage, whose adapted forward has its own test below) and the
+    compressor's (pergroup needs lrzip at construction, and no forward sees it): the frontier case
+    follows the preset as it changes."""
     settings = tg.env_settings(preset_code_settings(ROOT / "presets" / "frontier.env"))
-    return {**{k: v for k, v in settings.items() if not k.startswith("phased_ttt")}, **tiny}
+    return {**{k: v for k, v in settings.items() if not k.startswith("phased_ttt") and k != "compressor"}, **tiny}
 
 
 KERNEL_SWITCHES = {"math": {}, "kernels": dict(fused_ce=True, fused_mlp=True), "varlen": dict(varlen=True),
