@@ -537,7 +537,7 @@ def test_two_ranks_train_compiled_without_ddp(two_ranks):
 @pytest.mark.parametrize("name, params", [("frontier.env", 35_945_671), ("cpu_frontier.env", None)])
 def test_presets_build_the_frontier_model(name, params):
     env = specialise.read_preset(ROOT / "presets" / name)
-    for k in ("FUSED_CE", "FUSED_MLP"):  # the Triton kernels: tested with their own switches
+    for k in ("FUSED_CE", "FUSED_MLP", "COMPRESSOR"):  # the Triton kernels and lrzip: tested with their own switches
         env.pop(k, None)
     h = tg.Hyperparameters.from_env(env)
     assert h.env_warnings == []
