@@ -30,6 +30,7 @@ import pack
 import specialise
 import train_gpt as tg
 from conftest import TINY_MODEL
+from test_model import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS32 = torch.finfo(torch.float32).eps
@@ -56,14 +57,6 @@ def small_h(**overrides) -> tg.Hyperparameters:
               ttt_chunk_tokens=64, compile=False)
     kw.update(overrides)
     return tg.Hyperparameters(**kw)
-
-
-def randomize_(module: torch.nn.Module, seed: int, std: float = 0.3) -> None:
-    """Every parameter (zero-init ones included) random, so no branch is trivially off."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

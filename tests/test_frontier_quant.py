@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from conftest import read_log, run_main, run_script, tiny_hparams, tiny_run_env
+from test_quant_switches import gptq_names, hessians_for
 
 import logformat
 import train_gpt
@@ -40,10 +41,6 @@ SORTED = ("tok_emb.weight", "attn.c_q.weight", "mlp.fc.weight")  # the streams w
 GATE = "attn.sparse_gate.weight"
 
 
-def gptq_names(state):
-    return [n for n in state if n.endswith(ATTN + MLP) or n == "tok_emb.weight"]
-
-
 def random_state(h, seed: int = 0, gates: bool = False) -> dict:
     """Every tensor of the tiny model off its init; gates=True adds the sparse attention gate of
     each layer (heads x 12), as the model with that gate will name it."""
@@ -57,16 +54,6 @@ def random_state(h, seed: int = 0, gates: bool = False) -> dict:
         for layer in range(h.num_layers):
             state[f"blocks.{layer}.{GATE}"] = torch.randn(h.num_heads, 12) * 0.3
     return state
-
-
-def hessians_for(state):
-    out = {}
-    for i, n in enumerate(gptq_names(state)):
-        g = torch.Generator().manual_seed(i)
-        cols = state[n].shape[1]
-        X = torch.randn(4 * cols, cols, generator=g) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g))
-        out[n] = X.T @ X / X.shape[0]
-    return out
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
